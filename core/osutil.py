@@ -1,0 +1,126 @@
+"""Small Linux process primitives the workers share: parent-death signal,
+no_new_privs, dropping capabilities, closing inherited descriptors."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import signal
+import struct
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+_libc.syscall.restype = ctypes.c_long
+
+PR_SET_PDEATHSIG = 1
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+PR_GET_NO_NEW_PRIVS = 39
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+PR_SET_SECUREBITS = 28
+SECBIT_NOROOT = 1 << 0
+SECBIT_NOROOT_LOCKED = 1 << 1
+SECBIT_NO_SETUID_FIXUP = 1 << 2
+SECBIT_NO_SETUID_FIXUP_LOCKED = 1 << 3
+SECBIT_KEEP_CAPS_LOCKED = 1 << 5
+SECBIT_NO_CAP_AMBIENT_RAISE = 1 << 6
+SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED = 1 << 7
+
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+_SYS_capset = {"x86_64": 126, "aarch64": 91}.get(os.uname().machine)
+
+
+def _prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
+    res = _libc.prctl(option, arg2, arg3, arg4, arg5)
+    if res < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl({option}): {os.strerror(err)}")
+    return res
+
+
+def set_pdeathsig(sig: int = signal.SIGKILL, *, expected_parent: int | None = None) -> None:
+    """Die with the parent. If the parent is already gone (the race between fork
+    and this call), die now rather than live on as an orphan."""
+    _prctl(PR_SET_PDEATHSIG, sig)
+    if expected_parent is not None and os.getppid() != expected_parent:
+        os.kill(os.getpid(), sig)
+
+
+def set_no_new_privs() -> None:
+    _prctl(PR_SET_NO_NEW_PRIVS, 1)
+
+
+def no_new_privs() -> bool:
+    return bool(_prctl(PR_GET_NO_NEW_PRIVS))
+
+
+def last_cap() -> int:
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            return int(f.read())
+    except OSError:
+        return 40
+
+
+def drop_all_capabilities() -> None:
+    """Empty every capability set of this process for good: bounding, ambient,
+    inheritable, permitted and effective, and lock the securebits so that root in
+    this user namespace cannot regain them through exec."""
+    _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    for cap in range(last_cap() + 1):
+        try:
+            _prctl(PR_CAPBSET_DROP, cap)
+        except OSError as exc:
+            if exc.errno != 22:  # EINVAL: cap unknown to this kernel
+                raise
+    bits = (
+        SECBIT_NOROOT | SECBIT_NOROOT_LOCKED | SECBIT_NO_SETUID_FIXUP
+        | SECBIT_NO_SETUID_FIXUP_LOCKED | SECBIT_KEEP_CAPS_LOCKED
+        | SECBIT_NO_CAP_AMBIENT_RAISE | SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED
+    )
+    try:
+        _prctl(PR_SET_SECUREBITS, bits)
+    except OSError as exc:
+        if exc.errno != 1:  # EPERM without CAP_SETPCAP: nothing to lock, no caps to regain
+            raise
+    header = struct.pack("Ii", _LINUX_CAPABILITY_VERSION_3, 0)
+    data = bytes(24)  # two empty __user_cap_data_struct: effective, permitted, inheritable
+    if _SYS_capset is None:
+        raise OSError("capset: unsupported architecture")
+    hdr = ctypes.create_string_buffer(header)
+    dat = ctypes.create_string_buffer(data)
+    if _libc.syscall(_SYS_capset, hdr, dat) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"capset: {os.strerror(err)}")
+
+
+def capability_sets(pid: int | str = "self") -> dict[str, int]:
+    """CapInh/CapPrm/CapEff/CapBnd/CapAmb of a process, from /proc."""
+    out: dict[str, int] = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("Cap"):
+                key, val = line.split(":", 1)
+                out[key] = int(val.strip(), 16)
+    return out
+
+
+def close_fds_except(keep: set[int] | list[int] | tuple[int, ...]) -> None:
+    """Close every descriptor above 2 that is not in `keep`."""
+    keep_sorted = sorted({fd for fd in keep if fd > 2})
+    low = 3
+    for fd in keep_sorted:
+        if fd > low:
+            os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, 1 << 20)
+
+
+def reset_signals_for_exec() -> None:
+    """Python ignores SIGPIPE and SIGXFSZ; an ignored disposition survives exec,
+    so restore the defaults a normal program expects, and unblock everything."""
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])

@@ -1,0 +1,76 @@
+"""The resolved session policy: pure data, built once by the supervisor and sent to
+the workers over their channel (never on argv or in the environment).
+
+Everything here is already validated and normalised; workers do not second-guess
+it, they enforce it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+Profile = Literal["untrusted", "paranoid"]
+MountMode = Literal["ro", "rw"]
+
+
+@dataclass(frozen=True)
+class Mount:
+    """A host path made visible inside the sandbox at the same path."""
+
+    path: str
+    mode: MountMode = "ro"
+    why: str = ""  # short reason, shown by `config show` and in the audit stream
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """`--upstream HOST=ADDR:PORT`: dial ADDR:PORT for HOST instead of resolving it."""
+
+    host: str
+    addr: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Publish:
+    """`--publish PORT[:SANDBOX_PORT]`: host 127.0.0.1:host_port -> sandbox sandbox_port."""
+
+    host_port: int
+    sandbox_port: int
+
+
+@dataclass(frozen=True)
+class SessionPolicy:
+    session_id: str
+    profile: Profile
+    agent: str | None
+    project: str  # absolute, real path; the one writable place
+    command: list[str]  # argv; argv[0] is the resolved absolute path
+    command_name: str  # what the user typed as argv[0]
+    allow: list[str]  # normalised names: "api.example.com" or "*.example.com"
+    upstreams: list[Upstream] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)  # the complete environment of the jail
+    mounts: list[Mount] = field(default_factory=list)  # extra paths (agent config, command install)
+    protect: list[str] = field(default_factory=list)  # project-relative paths kept read-only
+    publish: list[Publish] = field(default_factory=list)
+    host_ports: list[int] = field(default_factory=list)
+    uid: int = 0
+    gid: int = 0
+    user: str = ""
+    home: str = ""
+    learn: bool = False
+    runtime_paths: list[str] = field(default_factory=list)  # agentpen's own: never mounted
+    proxy_port: int = 443
+    dns_port: int = 53
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SessionPolicy:
+        d = dict(data)
+        d["upstreams"] = [Upstream(**u) for u in d.get("upstreams", [])]
+        d["mounts"] = [Mount(**m) for m in d.get("mounts", [])]
+        d["publish"] = [Publish(**p) for p in d.get("publish", [])]
+        return cls(**d)

@@ -1,0 +1,1 @@
+"""Supervisor: CLI, policy resolution, session orchestration, audit stream."""

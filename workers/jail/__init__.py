@@ -1,0 +1,1 @@
+"""Jail worker: bwrap + pyseccomp around the command."""

@@ -1,0 +1,1 @@
+"""Proxy worker: SNI-gated TLS passthrough on uvloop, in the host network namespace."""
