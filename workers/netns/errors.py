@@ -15,5 +15,10 @@ class NetnsSetupError(RuntimeError):
         self.what = what
         self.how_to_fix = how_to_fix
 
+    @property
+    def fix(self) -> str:
+        """Alias of ``how_to_fix``."""
+        return self.how_to_fix
+
     def to_json(self) -> dict[str, str]:
         return {"what": self.what, "how_to_fix": self.how_to_fix}
