@@ -53,6 +53,7 @@ class SessionPolicy:
     env: dict[str, str] = field(default_factory=dict)  # the complete environment of the jail
     mounts: list[Mount] = field(default_factory=list)  # extra paths (agent config, command install)
     protect: list[str] = field(default_factory=list)  # project-relative paths kept read-only
+    unprotect: list[str] = field(default_factory=list)  # built-in protected paths lifted (--unprotect)
     publish: list[Publish] = field(default_factory=list)
     host_ports: list[int] = field(default_factory=list)
     uid: int = 0

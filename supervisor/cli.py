@@ -1,2 +1,104 @@
-def main() -> int:
-    raise SystemExit("agentpen: under construction")
+"""`agentpen` entry point: parse, resolve, refuse or run, and exit with the right status."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from agentpen.supervisor.errors import EXIT_AGENTPEN, AgentpenError
+
+
+def _fail(exc: AgentpenError, log=None) -> int:
+    if log is not None:
+        log.error(exc.message, fix=exc.fix)
+    else:
+        line = f"agentpen: {exc.message}"
+        if exc.fix:
+            line += f" (fix: {exc.fix})"
+        print(line, file=sys.stderr)
+    return exc.exit_status
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return _main(argv)
+    except AgentpenError as exc:
+        return _fail(exc)
+    except KeyboardInterrupt:
+        print("agentpen: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # never a traceback for the user; the reason in one line
+        print(f"agentpen: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        if os.environ.get("AGENTPEN_DEBUG"):
+            raise
+        return EXIT_AGENTPEN
+
+
+def _main(argv: list[str]) -> int:
+    from agentpen.supervisor import options
+
+    if argv[:2] == ["audit", "verify"]:
+        from agentpen.supervisor.audit import audit_verify_main
+
+        return audit_verify_main(argv[2:])
+    opts = options.parse_args(argv)
+    if opts.help:
+        sys.stdout.write(options.help_text())
+        return 0
+    if opts.version:
+        print(options.version_text())
+        return 0
+    if opts.check:
+        from agentpen.supervisor import check
+
+        layers = check.full_report()
+        print(check.render(layers, as_json=opts.json, color=sys.stdout.isatty()))
+        return 0 if all(x.ok for x in layers if x.required) else 1
+
+    from agentpen.supervisor import check
+    from agentpen.supervisor.resolve import resolve_policy, state_dir
+
+    check.preflight()
+    policy = resolve_policy(opts, os.environ)
+
+    from agentpen.supervisor.audit import AuditStream, open_sinks, setup_console
+
+    log = setup_console(opts.log_format, opts.log_level)
+    if opts.audit_log and opts.audit_log != "journald":
+        _check_audit_not_visible(os.path.abspath(opts.audit_log), policy)
+    try:
+        sinks = open_sinks(opts.audit_log, opts.audit_fd, session_id=policy.session_id,
+                           state_dir=state_dir(os.environ, policy.home))
+    except AgentpenError as exc:
+        return _fail(exc, log)
+    except Exception as exc:  # AuditSinkError and OSError: refuse, the audit is not optional
+        return _fail(AgentpenError(f"audit sink: {exc}"), log)
+    stream = AuditStream(policy.session_id, sinks, chain=opts.audit_chain, failure=opts.audit_failure)
+    for sink in sinks:
+        where = getattr(sink, "path", None) or getattr(sink, "describe", lambda: None)()
+        if where:
+            log.info("audit log", path=str(where), session=policy.session_id)
+
+    from agentpen.supervisor.session import Session
+
+    enforced = {"filesystem": "bwrap", "seccomp": "pyseccomp", "network": "pasta+nftables",
+                "egress": "sni-proxy", "environment": "scrubbed"}
+    session = Session(policy, stream, log, enforced=enforced)
+    status = session.run()
+    if session.outcome.error:
+        log.error(session.outcome.error, fix=session.outcome.fix, exit_status=status)
+    stream.close()
+    return status
+
+
+def _check_audit_not_visible(path: str, policy) -> None:
+    """The audit log must never be inside anything the sandbox can see."""
+    from agentpen.supervisor.errors import UsageError
+
+    real = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+    # $HOME is an empty tmpfs inside, so only the project and the mounts are visible.
+    for root in [policy.project, *(m.path for m in policy.mounts)]:
+        if real == root or real.startswith(root.rstrip("/") + "/"):
+            raise UsageError(f"audit log {path} is inside {root}, which the sandbox can see; "
+                             "choose a path outside the project and mounts")

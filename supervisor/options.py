@@ -1,0 +1,157 @@
+"""Command-line contract: `agentpen [OPTIONS] [--] COMMAND [ARGS...]`.
+
+The first word that is not an option starts the command; everything after it is the
+command's own (`agentpen claude --resume` passes `--resume` to claude). Parsing is
+pure: it returns Options or raises UsageError, never exits and never prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+
+from agentpen.core import __version__
+from agentpen.supervisor.errors import UsageError
+
+EXAMPLES = """\
+examples:
+  agentpen claude                          run Claude Code confined to the current directory
+  agentpen --log-format json claude        agentpen's own messages as JSON lines on stderr
+  agentpen --audit-log /var/log/agentpen/me.jsonl codex
+                                           choose where the audit stream goes (JSON lines, ECS)
+  agentpen --audit-fd 3 claude 3> >(vector --config docs/siem/vector.toml)
+                                           pipe the audit stream into Vector / Fluent Bit
+  agentpen --allow '*.example.com' -- sh -c 'curl https://api.example.com'
+                                           admit a wildcard (subdomains only) for a plain command
+  agentpen --allow llm.corp --upstream llm.corp=10.0.0.5:443 aider
+                                           reach a private LLM gateway (only way to dial a private address)
+  agentpen --check                         report which confinement layers this host can enforce
+  agentpen audit verify FILE               check the hash chain of an --audit-chain log
+
+exit status: the command's own; 128+N if it died of signal N; 125 agentpen failed;
+126 command not executable; 127 command not found.
+"""
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass
+class Options:
+    command: list[str] = field(default_factory=list)
+    profile: str = "untrusted"
+    agent: str | None = None
+    allow: list[str] = field(default_factory=list)
+    upstream: list[str] = field(default_factory=list)
+    env: list[str] = field(default_factory=list)
+    mount: list[str] = field(default_factory=list)
+    mount_rw: list[str] = field(default_factory=list)
+    protect: list[str] = field(default_factory=list)
+    unprotect: list[str] = field(default_factory=list)
+    publish: list[str] = field(default_factory=list)
+    host_port: list[str] = field(default_factory=list)
+    project: str | None = None
+    log_format: str | None = None
+    log_level: str = "info"
+    audit_log: str | None = None
+    audit_fd: int | None = None
+    audit_failure: str = "deny"
+    audit_chain: bool = False
+    check: bool = False
+    json: bool = False
+    version: bool = False
+    help: bool = False
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(message)
+
+    def exit(self, status: int = 0, message: str | None = None):  # type: ignore[override]
+        raise UsageError(message or f"argument parsing ended with status {status}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="agentpen",
+        usage="agentpen [OPTIONS] [--] COMMAND [ARGS...]",
+        description=(
+            "Run an LLM coding agent (or any command) confined: empty $HOME, only the project "
+            "directory writable, scrubbed environment, seccomp, and no network but an SNI-gated "
+            "TLS passthrough proxy to the allowed hosts."
+        ),
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        add_help=False,
+        allow_abbrev=False,
+    )
+    a = p.add_argument
+    a("-h", "--help", action="store_true", help="show this help and exit")
+    a("--version", action="store_true", help="print the version and exit")
+    a("--profile", choices=("untrusted", "paranoid"), default="untrusted",
+      help="confinement profile (default: untrusted)")
+    a("--agent", metavar="NAME", help="agent registry entry (default: from the command's name)")
+    a("--allow", metavar="HOST", action="append", default=[],
+      help="also allow TLS to HOST; '*.example.com' matches subdomains only (repeatable)")
+    a("--upstream", metavar="HOST=ADDR:PORT", action="append", default=[],
+      help="dial ADDR:PORT for HOST instead of resolving it; the only way to reach a private "
+           "or loopback upstream (repeatable)")
+    a("--env", metavar="VAR", action="append", default=[],
+      help="pass the host's VAR into the sandbox (repeatable)")
+    a("--mount", metavar="PATH", action="append", default=[], help="make PATH visible read-only")
+    a("--mount-rw", metavar="PATH", action="append", default=[], help="make PATH visible read-write")
+    a("--protect", metavar="PATH", action="append", default=[],
+      help="keep a project path read-only (added to the built-in persistence list)")
+    a("--unprotect", metavar="PATH", action="append", default=[],
+      help="lift one built-in protected project path (audited)")
+    a("--publish", metavar="PORT[:SANDBOX_PORT]", action="append", default=[],
+      help="the host's 127.0.0.1:PORT reaches a port the sandbox listens on")
+    a("--host-port", metavar="PORT", action="append", default=[],
+      help="the sandbox may reach the host's loopback PORT")
+    a("--project", metavar="DIR", help="the one writable directory (default: current directory)")
+    a("--log-format", choices=("console", "json"),
+      help="agentpen's own messages on stderr (default: console on a TTY, json otherwise)")
+    a("--log-level", choices=LOG_LEVELS, default="info")
+    a("--audit-log", metavar="PATH",
+      help="audit stream file, or 'journald' (default: a per-session file under "
+           "$XDG_STATE_HOME/agentpen/audit/)")
+    a("--audit-fd", metavar="N", type=_fd, help="also write the audit stream to descriptor N")
+    a("--audit-failure", choices=("halt", "deny", "continue"), default="deny",
+      help="when the audit sink fails: stop the session, refuse new connections (default), or go on")
+    a("--audit-chain", action="store_true", help="chain audit lines with SHA-256 (see 'audit verify')")
+    a("--check", action="store_true", help="report which layers this host can enforce, then exit")
+    a("--json", action="store_true", help="with --check: machine-readable output")
+    a("command", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    return p
+
+
+def _fd(text: str) -> int:
+    try:
+        fd = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a descriptor number: {text!r}") from None
+    if fd < 0:
+        raise argparse.ArgumentTypeError(f"not a descriptor number: {text!r}")
+    return fd
+
+
+def parse_args(argv: list[str]) -> Options:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    opts = Options(**{k: v for k, v in vars(ns).items() if k in Options.__dataclass_fields__})
+    cmd = list(ns.command)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    opts.command = cmd
+    if not cmd and not (opts.check or opts.version or opts.help):
+        raise UsageError("no command given (try: agentpen claude, or agentpen --help)")
+    if opts.json and not opts.check:
+        raise UsageError("--json only goes with --check")
+    return opts
+
+
+def help_text() -> str:
+    return build_parser().format_help()
+
+
+def version_text() -> str:
+    return f"agentpen {__version__}"

@@ -1,0 +1,221 @@
+"""Options + host facts -> SessionPolicy. Pure apart from reading the filesystem and
+the user database; every refusal is a UsageError / CommandNotFound with one line."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import pwd
+import re
+import uuid
+from collections.abc import Mapping
+
+from agentpen.core.policy import Mount, Publish, SessionPolicy, Upstream
+from agentpen.supervisor.errors import (
+    CommandNotExecutable,
+    CommandNotFound,
+    UsageError,
+)
+from agentpen.supervisor.options import Options
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def state_dir(env: Mapping[str, str], home: str) -> str:
+    base = env.get("XDG_STATE_HOME") or os.path.join(home, ".local", "state")
+    return os.path.join(base, "agentpen")
+
+
+def _is_within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _port(text: str, what: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise UsageError(f"{what}: {text!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise UsageError(f"{what}: port {port} is out of range 1-65535")
+    return port
+
+
+def parse_upstream(spec: str) -> tuple[str, str, int]:
+    """HOST=ADDR:PORT with ADDR an IP literal ([v6] bracketed)."""
+    host, sep, target = spec.partition("=")
+    if not sep or not host or not target:
+        raise UsageError(f"--upstream {spec!r}: expected HOST=ADDR:PORT")
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([0-9.]+):(\d+)", target)
+    if not m:
+        raise UsageError(f"--upstream {spec!r}: ADDR:PORT must be an IP address and a port "
+                         "(IPv6 in brackets: [2001:db8::1]:443)")
+    addr = m.group(1) or m.group(3)
+    try:
+        addr = str(ipaddress.ip_address(addr))
+    except ValueError:
+        raise UsageError(f"--upstream {spec!r}: {addr!r} is not an IP address") from None
+    port = _port(m.group(2) or m.group(4), f"--upstream {spec!r}")
+    return host, addr, port
+
+
+def parse_publish(spec: str) -> Publish:
+    host, _, inner = spec.partition(":")
+    hp = _port(host, f"--publish {spec!r}")
+    return Publish(hp, _port(inner, f"--publish {spec!r}") if inner else hp)
+
+
+def resolve_policy(opts: Options, env: Mapping[str, str], *, cwd: str | None = None) -> SessionPolicy:
+    from agentpen.workers.jail import registry as agent_registry
+    from agentpen.workers.jail import resolve as command_resolve
+    from agentpen.workers.jail.env import scrub_env
+    from agentpen.workers.proxy.allowlist import normalize_allow_entry
+
+    uid, gid = os.getuid(), os.getgid()
+    pw = pwd.getpwuid(uid)
+    home = os.path.realpath(env.get("HOME") or pw.pw_dir)
+    user = pw.pw_name
+    sdir = state_dir(env, home)
+
+    if opts.profile == "paranoid":
+        # Issue 9 (copy-on-write project, resource caps) is not built yet: refuse rather
+        # than run with less than the user asked for.
+        raise UsageError("--profile paranoid is not available in this version; "
+                         "run with the default untrusted profile or wait for it")
+
+    # -- project ---------------------------------------------------------------
+    project_arg = opts.project or cwd or os.getcwd()
+    project = os.path.realpath(project_arg)
+    if not os.path.isdir(project):
+        raise UsageError(f"--project {project_arg}: not a directory")
+    if project == "/":
+        raise UsageError("refusing to use / as the project directory (it would be writable)")
+    if _is_within(home, project):
+        raise UsageError(f"refusing project {project}: it is or contains your home directory "
+                         "(cd into a repository, or pass --project DIR)")
+    if _is_within(sdir, project) or _is_within(project, sdir):
+        raise UsageError(f"refusing project {project}: it overlaps agentpen's state directory {sdir}")
+
+    # -- agent -----------------------------------------------------------------
+    registry = agent_registry.load_registry()
+    command_name = opts.command[0]
+    if opts.agent is not None:
+        if opts.agent not in registry:
+            known = ", ".join(sorted(registry))
+            raise UsageError(f"--agent {opts.agent}: unknown agent (known: {known})")
+        agent = opts.agent
+    else:
+        agent = agent_registry.agent_for_command(os.path.basename(command_name))
+    spec = registry.get(agent) if agent else None
+
+    # -- allowlist ---------------------------------------------------------------
+    allow: list[str] = []
+    for entry in [*(spec.hosts if spec else []), *opts.allow]:
+        try:
+            norm = normalize_allow_entry(entry)
+        except ValueError as exc:
+            raise UsageError(f"--allow {entry!r}: {exc}") from None
+        if norm not in allow:
+            allow.append(norm)
+
+    upstreams: list[Upstream] = []
+    for item in opts.upstream:
+        host, addr, port = parse_upstream(item)
+        try:
+            host = normalize_allow_entry(host)
+        except ValueError as exc:
+            raise UsageError(f"--upstream {item!r}: {exc}") from None
+        if host.startswith("*."):
+            raise UsageError(f"--upstream {item!r}: a pin names one host, not a wildcard")
+        if host not in allow:
+            raise UsageError(f"--upstream {item!r}: {host} is not allowed; add --allow {host}")
+        upstreams.append(Upstream(host, addr, port))
+
+    # -- command -----------------------------------------------------------------
+    try:
+        resolved = command_resolve.resolve_command(command_name, env.get("PATH", ""), home)
+    except command_resolve.CommandNotFound as exc:
+        raise CommandNotFound(str(exc)) from None
+    except command_resolve.CommandNotExecutable as exc:
+        raise CommandNotExecutable(str(exc)) from None
+
+    # -- mounts ----------------------------------------------------------------------
+    runtime_paths = [sdir]
+    mounts: list[Mount] = []
+
+    def add_mount(path: str, mode: str, why: str, *, must_exist: bool = True) -> None:
+        real = os.path.realpath(os.path.expanduser(path))
+        if not os.path.exists(real):
+            if must_exist:
+                raise UsageError(f"mount {path}: no such file or directory")
+            return
+        if real == "/":
+            raise UsageError(f"mount {path}: refusing to expose /")
+        if _is_within(home, real):
+            raise UsageError(f"mount {path}: refusing to expose your home directory itself")
+        for rp in runtime_paths:
+            if _is_within(real, rp) or _is_within(rp, real):
+                raise UsageError(f"mount {path}: refusing to expose agentpen's own state ({rp})")
+        mounts.append(Mount(real, mode, why))  # type: ignore[arg-type]
+
+    for m in resolved.mounts:
+        add_mount(m.path, m.mode, m.why or "the command's installation")
+    if spec:
+        for cm in spec.config_mounts:
+            p = os.path.expanduser(cm.path.replace("~", home, 1) if cm.path.startswith("~") else cm.path)
+            if cm.mode == "rw" and cm.create_dir and not os.path.exists(p):
+                os.makedirs(p, mode=0o700, exist_ok=True)
+            add_mount(p, cm.mode, f"{agent} configuration", must_exist=False)
+    for path in opts.mount:
+        add_mount(path, "ro", "--mount")
+    for path in opts.mount_rw:
+        add_mount(path, "rw", "--mount-rw")
+
+    # -- environment -----------------------------------------------------------------
+    extra_env = []
+    for name in opts.env:
+        if not _ENV_NAME.match(name):
+            raise UsageError(f"--env {name!r}: not a variable name")
+        if name not in env:
+            raise UsageError(f"--env {name}: {name} is not set in this environment")
+        extra_env.append(name)
+    sandbox_env = scrub_env(
+        env,
+        home=home,
+        user=user,
+        shell=pw.pw_shell or "/bin/sh",
+        path_dirs=resolved.path_dirs,
+        passthrough=spec.env if spec else (),
+        extra=extra_env,
+    )
+
+    for p in opts.protect:
+        if os.path.isabs(p):
+            rp = os.path.realpath(p)
+            if not _is_within(rp, project):
+                raise UsageError(f"--protect {p}: not inside the project {project}")
+            p = os.path.relpath(rp, project)
+        if p.startswith("..") or p in ("", "."):
+            raise UsageError(f"--protect {p!r}: must name a path inside the project")
+
+    return SessionPolicy(
+        session_id=str(uuid.uuid4()),
+        profile=opts.profile,  # type: ignore[arg-type]
+        agent=agent,
+        project=project,
+        command=[resolved.path, *opts.command[1:]],
+        command_name=command_name,
+        allow=allow,
+        upstreams=upstreams,
+        env=sandbox_env,
+        mounts=mounts,
+        protect=list(opts.protect),
+        unprotect=list(opts.unprotect),
+        publish=[parse_publish(p) for p in opts.publish],
+        host_ports=[_port(p, "--host-port") for p in opts.host_port],
+        uid=uid,
+        gid=gid,
+        user=user,
+        home=home,
+        runtime_paths=runtime_paths,
+    )
+

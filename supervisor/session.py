@@ -1,0 +1,495 @@
+"""One confined session, from policy to exit status.
+
+A single-threaded selectors loop owns everything: the signalfd, each worker's
+channel, pasta's stderr, the proxy's process sentinel and the audit stream's
+deadlines. Workers report; the supervisor decides, audits and forwards signals.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import selectors
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from agentpen.core import __version__
+from agentpen.core.channel import Channel, Message, MsgType, ProtocolError
+from agentpen.core.events import make_event
+from agentpen.core.policy import SessionPolicy
+from agentpen.supervisor.errors import EXIT_AGENTPEN, AgentpenError, SetupFailed
+from agentpen.supervisor.signals import SignalFd
+from agentpen.supervisor.workers import NetnsWorker, ProxySupervisor
+
+SETUP_TIMEOUT = 30.0  # from pasta's start to the command's start
+TEARDOWN_TIMEOUT = 5.0
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+
+@dataclass
+class Outcome:
+    exit_code: int | None = None
+    signal: int | None = None
+    error: str | None = None
+    fix: str | None = None
+
+    def status(self) -> int:
+        if self.error is not None and self.exit_code is None and self.signal is None:
+            return EXIT_AGENTPEN
+        if self.signal is not None:
+            return 128 + self.signal
+        return self.exit_code if self.exit_code is not None else EXIT_AGENTPEN
+
+
+@dataclass
+class Counters:
+    connections_allowed: int = 0
+    connections_denied: int = 0
+    proxy_restarts: int = 0
+    protocol_violations: int = 0
+    signals_forwarded: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+class Session:
+    def __init__(self, policy: SessionPolicy, audit: Any, log: Any, *, enforced: dict[str, Any]) -> None:
+        self.policy = policy
+        self.audit = audit
+        self.log = log
+        self.enforced = enforced
+        self.sel = selectors.DefaultSelector()
+        self.netns: NetnsWorker | None = None
+        self.proxy: ProxySupervisor | None = None
+        self.outcome = Outcome()
+        self.counters = Counters()
+        self.sandbox_init_pid: int | None = None
+        self.jail_pid: int | None = None
+        self.started = time.monotonic()
+        self.command_started: float | None = None
+        self.done = False
+        self.pasta_log = None
+        self.pending_signal: int | None = None
+
+    # -- audit helpers -------------------------------------------------------------
+
+    def emit(self, body: dict[str, Any], *, sender: str = "supervisor", pid: int | None = None,
+             durable: bool | None = None) -> int:
+        seq = self.audit.emit(body, sender=sender, pid=pid if pid is not None else os.getpid(),
+                              durable=durable)
+        self._check_audit_health()
+        return seq
+
+    def _check_audit_health(self) -> None:
+        healthy = self.audit.healthy
+        if healthy == getattr(self, "_audit_was_healthy", True):
+            return
+        self._audit_was_healthy = healthy
+        if self.proxy and self.proxy.current:
+            op = "allow-new" if healthy else "deny-new"
+            with contextlib.suppress(OSError):
+                self.proxy.current.channel.send(MsgType.CONTROL, {"op": op})
+        if healthy:
+            self.log.warning("audit sink recovered; new connections allowed again")
+        else:
+            self.log.error("audit sink failed; new connections are refused until it recovers")
+
+    # -- start ---------------------------------------------------------------------
+
+    def run(self) -> int:
+        sigfd = SignalFd([*FORWARDED, signal.SIGCHLD, signal.SIGUSR1])
+        # In the background while the sandbox holds the terminal: writing our own
+        # messages must not stop us under `stty tostop`.
+        signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+        self.sel.register(sigfd.fileno(), selectors.EVENT_READ, ("signal", None))
+        try:
+            self._start()
+            self._loop(sigfd)
+        except AgentpenError as exc:
+            self.outcome.error, self.outcome.fix = exc.message, exc.fix
+        except KeyboardInterrupt:  # not expected with signals blocked; belt and braces
+            self.outcome.error = "interrupted"
+        finally:
+            self._teardown()
+            sigfd.close()
+        return self._finish()
+
+    def _start(self) -> None:
+        p = self.policy
+        # pasta first: its ~60 ms of namespace setup overlaps with our audit work below.
+        try:
+            self.netns = NetnsWorker.spawn(p)
+        except Exception as exc:
+            raise SetupFailed(str(getattr(exc, "what", exc)),
+                              fix=getattr(exc, "how_to_fix", None)) from None
+        self.netns.channel.send(MsgType.CONFIG, p.to_json())
+        allow_hash = hashlib.sha256("\n".join(sorted(p.allow)).encode()).hexdigest()
+        # Durable before the netns worker may start the command (it waits for "go").
+        self.emit(make_event(
+            "session-started",
+            f"session started: {p.command_name} ({p.agent or 'no agent profile'}) in {p.project}",
+            category=["process", "session"], type=["start"], outcome="success",
+            process={"name": os.path.basename(p.command[0]), "args": [p.command_name, *p.command[1:]],
+                     "executable": p.command[0], "working_directory": p.project},
+            agentpen={
+                "version": __version__, "profile": p.profile, "agent": p.agent, "project": p.project,
+                "allowlist": list(p.allow), "allowlist_sha256": allow_hash,
+                "upstreams": [f"{u.host}={u.addr}:{u.port}" for u in p.upstreams],
+                "mounts": [f"{m.path}:{m.mode}" for m in p.mounts],
+                "publish": [f"{x.host_port}:{x.sandbox_port}" for x in p.publish],
+                "host_ports": list(p.host_ports), "layers": self.enforced,
+                "env_names": sorted(p.env),
+            },
+        ), durable=True)
+        self.emit(make_event(
+            "worker-started", f"pasta started (pid {self.netns.pasta.pid})",
+            category=["process"], type=["start"], outcome="success",
+            process={"pid": self.netns.pasta.pid, "name": "pasta"}, agentpen={"worker": "pasta"},
+        ))
+        from agentpen.workers.netns.pasta import PastaLog
+
+        self.pasta_log = PastaLog()
+        self.sel.register(self.netns.channel.fileno(), selectors.EVENT_READ, ("netns", None))
+        assert self.netns.pasta.stderr is not None
+        self.sel.register(self.netns.pasta.stderr.fileno(), selectors.EVENT_READ, ("pasta-stderr", None))
+
+    # -- loop ------------------------------------------------------------------------
+
+    def _loop(self, sigfd: SignalFd) -> None:
+        setup_deadline = time.monotonic() + SETUP_TIMEOUT
+        while not self.done:
+            now = time.monotonic()
+            timeout = 1.0
+            if self.command_started is None:
+                if now > setup_deadline:
+                    raise SetupFailed(f"the sandbox was not ready within {SETUP_TIMEOUT:.0f} s")
+                timeout = min(timeout, setup_deadline - now)
+            if self.proxy and self.proxy.restart_at is not None:
+                timeout = min(timeout, max(0.0, self.proxy.restart_at - now))
+            deadline = self.audit.next_deadline()
+            if deadline is not None:
+                timeout = min(timeout, max(0.0, deadline - now))
+            for key, _ in self.sel.select(timeout):
+                kind, ref = key.data
+                if kind == "signal":
+                    for info in sigfd.read():
+                        self._on_signal(info.signo, info.pid)
+                elif kind == "netns":
+                    self._on_netns_readable()
+                elif kind == "pasta-stderr":
+                    self._on_pasta_stderr()
+                elif kind == "proxy":
+                    self._on_proxy_readable(ref)
+                elif kind == "proxy-exit":
+                    self._on_proxy_exit(ref)
+                if self.done:
+                    break
+            now = time.monotonic()
+            if self.proxy and self.proxy.restart_at is not None and now >= self.proxy.restart_at:
+                self._start_proxy(restart=True)
+            self.audit.tick(now)
+            self._check_audit_health()
+            if self.netns and self.netns.pasta.poll() is not None and not self.done:
+                self._on_pasta_exit()
+
+    # -- signals -----------------------------------------------------------------------
+
+    def _on_signal(self, signo: int, sender: int) -> None:
+        if signo == signal.SIGCHLD:
+            return  # exits are seen through sentinels, pidfds and pasta.poll()
+        if signo in (signal.SIGUSR1, signal.SIGHUP):
+            self.audit.reopen()
+            if signo == signal.SIGUSR1:
+                return
+        name = signal.Signals(signo).name
+        target = self._command_pid()
+        self.emit(make_event(
+            "signal-forwarded" if target else "signal-received",
+            f"{name} from pid {sender} " + (f"forwarded to the command (pid {target})" if target
+                                            else "before the command started: ending the session"),
+            category=["process"], type=["info"], outcome="success",
+            process={"pid": target} if target else None,
+            agentpen={"signal": name, "sender_pid": sender},
+        ))
+        if target:
+            self.counters.signals_forwarded += 1
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(target, signo)
+        else:
+            self.outcome.signal = signo
+            self.outcome.error = f"{name} before the command started"
+            self.done = True
+
+    def _command_pid(self) -> int | None:
+        """The command is the child of bwrap's init (pid 1 of the sandbox)."""
+        init = self.sandbox_init_pid
+        if init is None:
+            return None
+        try:
+            with open(f"/proc/{init}/task/{init}/children") as f:
+                kids = [int(x) for x in f.read().split()]
+        except (OSError, ValueError):
+            return None
+        return kids[0] if kids else None
+
+    # -- netns worker --------------------------------------------------------------------
+
+    def _recv(self, ch: Channel, role: str) -> Message | None:
+        try:
+            return ch.recv()
+        except (ProtocolError, OSError) as exc:
+            self.counters.protocol_violations += 1
+            self.emit(make_event("protocol-violation", f"bad message from the {role} worker: {exc}",
+                                 level="error", category=["process"], type=["error"],
+                                 outcome="failure", agentpen={"worker": role}))
+            return None
+
+    def _on_netns_readable(self) -> None:
+        assert self.netns is not None
+        msg = self._recv(self.netns.channel, "netns")
+        if msg is None:
+            self.sel.unregister(self.netns.channel.fileno())
+            if self.outcome.exit_code is None and self.outcome.signal is None and not self.outcome.error:
+                self.outcome.error = "the netns worker went away before reporting the command's exit"
+            self.done = True
+            return
+        if msg.type == MsgType.HELLO:
+            self.netns.pid = msg.sender_pid
+            msg.close_fds()
+            return
+        if self.netns.pid is not None and msg.sender_pid not in (self.netns.pid, None):
+            self.counters.protocol_violations += 1
+            msg.close_fds()
+            return
+        if msg.type == MsgType.EVENT:
+            self.emit(msg.body, sender="netns", pid=msg.sender_pid)
+        elif msg.type == MsgType.FDS:
+            self.proxy = ProxySupervisor(msg.take_fds(), self.policy)
+            self._start_proxy(restart=False)
+        elif msg.type == MsgType.STATUS:
+            self._on_netns_status(msg.body)
+        msg.close_fds()
+
+    def _on_netns_status(self, body: dict[str, Any]) -> None:
+        state = body.get("state")
+        if state == "verified":
+            self.emit(make_event(
+                "sandbox-network-verified", "sandbox network verified: only loopback, proxy is the one door",
+                category=["network", "configuration"], type=["info"], outcome="success",
+                agentpen={"network": body.get("network"), "nftables": body.get("nftables")},
+            ), durable=True)
+            # The session start is on disk (emitted durably before pasta started).
+            self.netns.channel.send(MsgType.CONTROL, {"op": "go"})  # type: ignore[union-attr]
+        elif state == "jail-started":
+            self.jail_pid = int(body["pid"])
+            self.command_started = time.monotonic()
+            self.emit(make_event(
+                "worker-started", f"jail started (bwrap pid {self.jail_pid})",
+                category=["process"], type=["start"], outcome="success",
+                process={"pid": self.jail_pid, "name": "bwrap"}, agentpen={"worker": "jail"},
+            ))
+        elif state == "sandbox-started":
+            self.sandbox_init_pid = int(body["pid"])
+            self.emit(make_event(
+                "command-started", f"command started in the sandbox: {self.policy.command_name}",
+                category=["process"], type=["start"], outcome="success",
+                process={"pid": self.sandbox_init_pid, "name": os.path.basename(self.policy.command[0]),
+                         "args": [self.policy.command_name, *self.policy.command[1:]]},
+            ))
+        elif state == "sandbox-exit-code":
+            self.outcome.exit_code = int(body["exit_code"])
+        elif state == "exited":
+            if body.get("error"):
+                self.outcome.error = f"the jail could not start the command: {body['error']}"
+                self.outcome.exit_code = None
+            elif "signal" in body:
+                self.outcome.signal = int(body["signal"])
+            elif self.outcome.exit_code is None:
+                self.outcome.exit_code = int(body.get("exit_code", EXIT_AGENTPEN))
+            elif int(body.get("exit_code", 0)) != 0 and self.outcome.exit_code == 0:
+                self.outcome.exit_code = int(body["exit_code"])
+            self.done = True
+        elif state == "failed":
+            self.outcome.error = f"sandbox setup failed: {body.get('error')}"
+            self.outcome.fix = body.get("fix")
+            if body.get("traceback"):
+                self.emit(make_event("worker-error", "netns worker traceback", level="error",
+                                     category=["process"], type=["error"], outcome="failure",
+                                     error={"stack_trace": body["traceback"]}))
+            self.done = True
+
+    def _on_pasta_stderr(self) -> None:
+        assert self.netns is not None and self.netns.pasta.stderr is not None
+        fd = self.netns.pasta.stderr.fileno()
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        if not data:
+            self.sel.unregister(fd)
+            bodies = self.pasta_log.finish()
+        else:
+            bodies = self.pasta_log.feed(data)
+        for body in bodies:
+            self.emit(body, sender="pasta", pid=self.netns.pasta.pid)
+
+    def _on_pasta_exit(self) -> None:
+        assert self.netns is not None
+        code = self.netns.pasta.returncode
+        self.emit(make_event(
+            "worker-exited", f"pasta exited ({_describe(code)})",
+            level="error" if not self.outcome.exit_code and self.command_started is None else "info",
+            category=["process"], type=["end"], outcome="success" if code == 0 else "failure",
+            process={"pid": self.netns.pasta.pid, "name": "pasta", "exit_code": code},
+            agentpen={"worker": "pasta"},
+        ))
+        if self.outcome.exit_code is None and self.outcome.signal is None and not self.outcome.error:
+            self.outcome.error = f"pasta exited ({_describe(code)}) before the command finished"
+            self.outcome.fix = "run agentpen --check"
+        self.done = True
+
+    # -- proxy worker --------------------------------------------------------------------
+
+    def _start_proxy(self, *, restart: bool) -> None:
+        assert self.proxy is not None
+        w = self.proxy.start()
+        self.sel.register(w.channel.fileno(), selectors.EVENT_READ, ("proxy", w))
+        self.sel.register(w.process.sentinel, selectors.EVENT_READ, ("proxy-exit", w))  # type: ignore[attr-defined]
+        if restart:
+            self.counters.proxy_restarts += 1
+        self.emit(make_event(
+            "worker-restarted" if restart else "worker-started",
+            f"proxy worker {'restarted' if restart else 'started'} (pid {w.pid}, incarnation {w.incarnation})",
+            level="warning" if restart else "info",
+            category=["process"], type=["start"], outcome="success",
+            process={"pid": w.pid, "name": "agentpen-proxy"},
+            agentpen={"worker": "proxy", "incarnation": w.incarnation,
+                      "restart_count": self.counters.proxy_restarts},
+        ), durable=restart)
+        if restart:
+            self.log.warning("proxy worker restarted", pid=w.pid, restarts=self.counters.proxy_restarts)
+        if not self.audit.healthy:
+            w.channel.send(MsgType.CONTROL, {"op": "deny-new"})
+
+    def _on_proxy_readable(self, w: Any) -> None:
+        msg = self._recv(w.channel, "proxy")
+        if msg is None:
+            with contextlib.suppress(KeyError, ValueError):
+                self.sel.unregister(w.channel.fileno())
+            return
+        if msg.sender_pid not in (w.pid, None):
+            self.counters.protocol_violations += 1
+            msg.close_fds()
+            return
+        msg.close_fds()
+        if msg.type == MsgType.EVENT:
+            body = dict(msg.body)
+            ack_id = body.pop("ack_id", None)
+            types = body.get("event", {}).get("type", [])
+            if "denied" in types:
+                self.counters.connections_denied += 1
+            elif "allowed" in types:
+                self.counters.connections_allowed += 1
+            self.emit(body, sender="proxy", pid=msg.sender_pid)
+            if ack_id is not None:
+                with contextlib.suppress(OSError):
+                    w.channel.send(MsgType.ACK, {"ack_id": ack_id, "ok": bool(self.audit.healthy)})
+
+    def _on_proxy_exit(self, w: Any) -> None:
+        assert self.proxy is not None
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.unregister(w.process.sentinel)
+        # Drain what the worker said before dying (its last events).
+        with contextlib.suppress(Exception):
+            os.set_blocking(w.channel.fileno(), False)
+            while True:
+                try:
+                    self._on_proxy_readable(w)
+                except BlockingIOError:
+                    break
+                if w.channel.sock.fileno() < 0:
+                    break
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.unregister(w.channel.fileno())
+        code, sig, loop = self.proxy.on_exit(time.monotonic())
+        how = f"signal {signal.Signals(sig).name}" if sig else f"status {code}"
+        self.emit(make_event(
+            "worker-exited", f"proxy worker exited ({how})",
+            level="info" if self.done else "error",
+            category=["process"], type=["end"], outcome="failure" if (sig or code) else "success",
+            process={"pid": w.pid, "name": "agentpen-proxy", "exit_code": code},
+            agentpen={"worker": "proxy", "signal": signal.Signals(sig).name if sig else None,
+                      "incarnation": w.incarnation},
+        ), durable=True)
+        if loop:
+            self.emit(make_event(
+                "egress-stopped", "proxy crash loop: egress stopped for the rest of the session",
+                level="critical", category=["network", "process"], type=["denied"], outcome="success",
+                reason="crash-loop", agentpen={"exits_in_window": len(self.proxy.exits)},
+            ), durable=True)
+            self.log.error("proxy worker keeps crashing: egress is stopped for good; "
+                           "the command keeps running without network")
+
+    # -- end -------------------------------------------------------------------------------
+
+    def _teardown(self) -> None:
+        if self.proxy:
+            self.proxy.stop()
+            self.proxy.fail_closed()  # closes our copies of the listening sockets
+        if self.netns:
+            try:
+                self.netns.pasta.wait(TEARDOWN_TIMEOUT if self.outcome.error is None else 0.5)
+            except Exception:
+                self.netns.kill()
+                with contextlib.suppress(Exception):
+                    self.netns.pasta.wait(TEARDOWN_TIMEOUT)
+            if self.netns.pasta.stderr is not None:
+                with contextlib.suppress(Exception):
+                    os.set_blocking(self.netns.pasta.stderr.fileno(), True)
+                    rest = self.netns.pasta.stderr.read()
+                    bodies = (self.pasta_log.feed(rest) if rest else []) + self.pasta_log.finish()
+                    for body in bodies:
+                        self.emit(body, sender="pasta", pid=self.netns.pasta.pid)
+                    self.netns.pasta.stderr.close()
+            self.netns.channel.close()
+        self._restore_terminal()
+
+    def _restore_terminal(self) -> None:
+        """The sandbox was the terminal's foreground group; give it back to ours."""
+        with contextlib.suppress(OSError):
+            if os.isatty(0):
+                os.tcsetpgrp(0, os.getpgrp())
+
+    def _finish(self) -> int:
+        o = self.outcome
+        status = o.status()
+        duration = int((time.monotonic() - self.started) * 1e9)
+        msg = f"session ended: exit status {status}"
+        if o.error:
+            msg += f" ({o.error})"
+        self.emit(make_event(
+            "session-ended", msg, level="error" if o.error else "info",
+            category=["process", "session"], type=["end"],
+            outcome="failure" if o.error else "success", reason=o.error,
+            event={"duration": duration},
+            process={"exit_code": status, "name": os.path.basename(self.policy.command[0])},
+            agentpen={"counters": {**self.counters.__dict__.copy(), "audit": self.audit.counters},
+                      "signal": signal.Signals(o.signal).name if o.signal else None,
+                      "fix": o.fix},
+        ), durable=True)
+        return status
+
+
+def _describe(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        return f"signal {signal.Signals(-code).name}"
+    return f"status {code}"
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"))

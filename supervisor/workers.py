@@ -1,0 +1,179 @@
+"""Spawning and watching the workers: pasta + the netns worker (and through it the
+jail), and the proxy worker with its restart policy.
+
+The supervisor never parses bytes from the sandbox; it only reads framed messages
+from its own workers, checks who sent them (SCM_CREDENTIALS) and acts on them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from agentpen.core.channel import Channel, channel_pair
+from agentpen.core.policy import SessionPolicy
+
+# Crash loop: this many proxy exits within the window stops egress for good.
+CRASH_LOOP_COUNT = 5
+CRASH_LOOP_WINDOW = 30.0
+# Backoff before restart n (1-based) within the window: immediate first, then doubling.
+RESTART_BACKOFF = (0.0, 0.05, 0.1, 0.2, 0.4)
+
+
+def minimal_env() -> dict[str, str]:
+    """What pasta and the netns worker get: nothing of the user's environment (the
+    sandbox's own environment travels in the policy, over the channel)."""
+    return {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin", "LANG": "C.UTF-8"}
+
+
+@dataclass
+class NetnsWorker:
+    pasta: subprocess.Popen[bytes]
+    channel: Channel
+    pid: int | None = None  # the netns worker's pid, from HELLO checked against SCM_CREDENTIALS
+
+    @classmethod
+    def spawn(cls, policy: SessionPolicy, pasta_path: str = "pasta") -> NetnsWorker:
+        from agentpen.workers.netns.pasta import detect_features, pasta_argv, spawn_pasta
+
+        features = detect_features(pasta_path)
+        sup, wk = channel_pair()
+        # The command keeps the user's terminal: hand duplicates of 0/1/2 through pasta
+        # (pasta's own stdio is /dev/null and a pipe we read).
+        stdio = [os.dup(fd) for fd in (0, 1, 2)]
+        inner = [
+            sys.executable, "-I", "-m", "agentpen.workers.netns",
+            "--channel-fd", str(wk.fileno()), "--stdio", ",".join(map(str, stdio)),
+        ]
+        try:
+            proc = spawn_pasta(
+                pasta_argv(policy, inner, features),
+                pass_fds=[wk.fileno(), *stdio],
+                env=minimal_env(),
+                stdout=subprocess.DEVNULL,
+            )
+        finally:
+            wk.close()
+            for fd in stdio:
+                os.close(fd)
+        os.set_blocking(proc.stderr.fileno(), False)  # type: ignore[union-attr]
+        return cls(proc, sup)
+
+    def kill(self) -> None:
+        if self.pasta.poll() is None:
+            try:
+                os.killpg(self.pasta.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _proxy_entry(channel_fd: int, listen_fds: list[int], policy_json: dict, incarnation: int) -> None:
+    """First code of a forked proxy worker (runs in the child)."""
+    # The supervisor blocks its signals for its signalfd; a worker starts clean.
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_DFL)
+    from agentpen.workers.proxy.server import proxy_main
+
+    proxy_main(channel_fd, listen_fds, policy_json, incarnation)
+
+
+@dataclass
+class ProxyWorker:
+    process: object  # multiprocess.Process
+    channel: Channel
+    incarnation: int
+    started: float
+    pid: int
+
+
+@dataclass
+class ProxySupervisor:
+    """Owns the listening sockets for the whole session and hands them to each
+    proxy incarnation; connections that arrive while none runs wait in the backlog."""
+
+    listen_fds: list[int]
+    policy: SessionPolicy
+    current: ProxyWorker | None = None
+    incarnations: int = 0
+    exits: deque[float] = field(default_factory=deque)
+    failed_closed: bool = False
+    restart_at: float | None = None
+
+    def start(self) -> ProxyWorker:
+        import multiprocess
+
+        ctx = multiprocess.get_context("fork")
+        sup, wk = channel_pair()
+        self.incarnations += 1
+        proc = ctx.Process(
+            target=_proxy_entry,
+            args=(wk.fileno(), list(self.listen_fds), self.policy.to_json(), self.incarnations),
+            name=f"agentpen-proxy-{self.incarnations}",
+            daemon=False,
+        )
+        proc.start()
+        wk.close()
+        self.current = ProxyWorker(proc, sup, self.incarnations, time.monotonic(), proc.pid)
+        self.restart_at = None
+        return self.current
+
+    def on_exit(self, now: float) -> tuple[int | None, int | None, bool]:
+        """The current worker exited. Returns (exit code, signal, crash loop?)."""
+        assert self.current is not None
+        proc = self.current.process
+        proc.join(0)  # type: ignore[attr-defined]
+        code = proc.exitcode  # type: ignore[attr-defined]
+        self.current.channel.close()
+        self.current = None
+        self.exits.append(now)
+        while self.exits and now - self.exits[0] > CRASH_LOOP_WINDOW:
+            self.exits.popleft()
+        if len(self.exits) >= CRASH_LOOP_COUNT:
+            self.fail_closed()
+            return _split_status(code) + (True,)
+        delay = RESTART_BACKOFF[min(len(self.exits), len(RESTART_BACKOFF)) - 1]
+        self.restart_at = now + delay
+        return _split_status(code) + (False,)
+
+    def fail_closed(self) -> None:
+        """Egress stops for good: close the listening sockets so connections are
+        refused at once rather than hang in a backlog nobody serves."""
+        self.failed_closed = True
+        self.restart_at = None
+        for fd in self.listen_fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.listen_fds = []
+
+    def stop(self, timeout: float = 2.0) -> None:
+        from agentpen.core.channel import MsgType
+
+        cur = self.current
+        if cur is None:
+            return
+        try:
+            cur.channel.send(MsgType.CONTROL, {"op": "shutdown"})
+        except OSError:
+            pass
+        cur.process.join(timeout)  # type: ignore[attr-defined]
+        if cur.process.is_alive():  # type: ignore[attr-defined]
+            os.kill(cur.pid, signal.SIGKILL)
+            cur.process.join(1.0)  # type: ignore[attr-defined]
+        cur.channel.close()
+        self.current = None
+
+
+def _split_status(code: int | None) -> tuple[int | None, int | None]:
+    if code is None:
+        return None, None
+    if code < 0:
+        return None, -code
+    return code, None

@@ -1,0 +1,5 @@
+import sys
+
+from agentpen.workers.netns.main import main
+
+sys.exit(main(sys.argv[1:]))
