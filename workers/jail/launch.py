@@ -1,0 +1,133 @@
+"""The jail worker's last act: assemble descriptors and exec bwrap.
+
+`exec_jail` runs in the already-forked jail worker (uid 0 in the netns user
+namespace, no capabilities). `build_jail` is the pure plan behind it, for
+`agentpen config show` and tests. The parent (netns worker) calls
+`jail_covers(policy)` before forking and `remove_placeholders(covers)` after the
+jail has exited, so the placeholders bwrap creates leave nothing in the project.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import NoReturn
+
+from agentpen.core.osutil import close_fds_except
+from agentpen.core.policy import SessionPolicy
+from agentpen.workers.jail import seccomp
+from agentpen.workers.jail.bwrap import (
+    JailFds,
+    build_bwrap_argv,
+    hosts_file,
+    nsswitch_conf,
+    resolv_conf,
+)
+from agentpen.workers.jail.env import check_env
+from agentpen.workers.jail.layout import HostLayout, detect_layout
+from agentpen.workers.jail.protect import (
+    Cover,
+    plan_protection,
+    protected_list,
+    remove_placeholders,
+)
+
+__all__ = [
+    "JailPlan", "build_jail", "exec_jail", "jail_covers", "open_data_fd", "remove_placeholders",
+]
+
+# Ignored by bwrap itself so a terminal Ctrl-C/Ctrl-Z does not kill or stop bwrap's
+# monitor (and, through --die-with-parent, the sandbox); `env --default-signal`
+# restores them for the command inside.
+BWRAP_IGNORED = (signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
+_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
+
+
+@dataclass
+class JailPlan:
+    argv: list[str]
+    env: dict[str, str]
+    covers: list[Cover] = field(default_factory=list)
+    seccomp_rules: list[tuple[str, str, str]] = field(default_factory=list)
+
+
+def jail_covers(policy: SessionPolicy) -> list[Cover]:
+    """The persistence covers for this project (reads the project with lstat).
+    `policy.protect` adds paths; an entry "!PATH" lifts a default one."""
+    add = [p for p in policy.protect if not p.startswith("!")]
+    lift = [p[1:] for p in policy.protect if p.startswith("!")]
+    return plan_protection(policy.project, protected_list(add, lift))
+
+
+def _nominal_fds(covers: Sequence[Cover]) -> JailFds:
+    n_files = sum(1 for c in covers if c.kind == "file")
+    return JailFds(seccomp=3, json_status=4, hosts=5, resolv=6, nsswitch=7,
+                   empty=tuple(range(8, 8 + n_files)))
+
+
+def build_jail(
+    policy: SessionPolicy, layout: HostLayout, covers: Sequence[Cover] = (),
+) -> JailPlan:
+    """Pure: the plan with nominal descriptor numbers (the real ones are memfds)."""
+    check_env(policy.env)
+    argv = build_bwrap_argv(policy, layout, _nominal_fds(covers), covers)
+    return JailPlan(argv, dict(policy.env), list(covers), seccomp.rule_table())
+
+
+def open_data_fd(name: str, data: bytes) -> int:
+    """A sealed memfd holding `data`: nothing on the host filesystem, gone when
+    the last holder dies (a SIGKILLed session leaves nothing behind)."""
+    fd = os.memfd_create(f"agentpen-{name}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def exec_jail(policy: SessionPolicy, *, status_fd: int, block_fd: int | None = None) -> NoReturn:
+    """Exec bwrap with the jail's argv and the policy's (already scrubbed) env.
+    Raises (JailError subclasses: ValueError, RuntimeError, OSError) with what failed
+    when the jail cannot be set up as promised; never execs a weaker jail."""
+    check_env(policy.env)
+    layout = detect_layout()
+    covers = jail_covers(policy)
+    program = seccomp.build_seccomp_program()
+    fds = JailFds(
+        seccomp=open_data_fd("seccomp", program),
+        json_status=status_fd,
+        hosts=open_data_fd("hosts", hosts_file().encode()),
+        resolv=open_data_fd("resolv", resolv_conf(policy.dns_port).encode()),
+        nsswitch=open_data_fd("nsswitch", nsswitch_conf(layout.nsswitch).encode()),
+        empty=tuple(open_data_fd("placeholder", c.data) for c in covers if c.kind == "file"),
+        block=block_fd,
+    )
+    argv = build_bwrap_argv(policy, layout, fds, covers)
+    keep = [fds.seccomp, fds.json_status, fds.hosts, fds.resolv, fds.nsswitch, *fds.empty]
+    if block_fd is not None:
+        keep.append(block_fd)
+    for fd in keep:
+        os.set_inheritable(fd, True)
+    close_fds_except(keep)
+
+    # Python leaves PIPE/XFSZ ignored and may block signals: back to defaults first.
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    for sig in BWRAP_IGNORED:
+        signal.signal(sig, signal.SIG_IGN)
+    # Own process group: a kill(0, SIGKILL) inside cannot reach the supervisor's group.
+    os.setpgid(0, 0)
+    if os.isatty(0):
+        # Foreground group of the terminal, so Ctrl-C/resize reach the sandbox
+        # (SIGTTOU is ignored above, else tcsetpgrp from the background stops us).
+        os.tcsetpgrp(0, os.getpgrp())
+    os.execve(layout.bwrap, argv, dict(policy.env))  # noqa: S606 - argv is built, no shell
