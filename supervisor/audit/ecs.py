@@ -42,7 +42,7 @@ EVENT_OUTCOMES = frozenset({"failure", "success", "unknown"})
 
 # Fields the supervisor stamps: a body's value for them is moved to agentpen.rejected.
 STAMPED_EVENT = ("sequence", "id", "ingested")
-STAMPED_AGENTPEN = ("schema_version", "worker", "chain", "rejected")
+STAMPED_AGENTPEN = ("schema_version", "worker", "worker_pid", "chain", "rejected")
 
 # Integer ECS fields: (field set, key) -> (min, max).
 _U64 = (0, 2**64 - 1)
@@ -164,22 +164,24 @@ def check_types(_logger: Any, _name: str, ed: EventDict) -> EventDict:
 
 def stamp(_logger: Any, _name: str, ed: EventDict) -> EventDict:
     """Add what only the supervisor knows; runs after the body's keys are settled, so
-    nothing a body said can win. ``_stamp`` carries (session, sequence, sender, pid)."""
+    nothing a body said can win. ``_stamp`` carries (session, sequence, sender, pid,
+    wall clock ns); pid is the sender's as the kernel saw it (SCM_CREDENTIALS)."""
     session_id, sequence, sender, pid, wall_ns = ed.pop("_stamp")
     seconds, ns = divmod(wall_ns, 1_000_000_000)
     ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{ns // 1000:06d}Z"
     event = ed["event"]
     event["sequence"] = sequence
     event["id"] = os.urandom(16).hex()  # 128 random bits; uuid costs 4 ms of imports
-    if pid is not None:
-        process = ed.setdefault("process", {})
-        claimed = process.get("pid")
-        if claimed is not None and claimed != pid:
-            _reject(ed, "process.pid", claimed)
-        process["pid"] = pid
+    if pid is not None and "process" not in ed:
+        # No process field set: the event is about its sender. One that has it
+        # describes another process (pasta, the command), which the sender's pid
+        # must not overwrite; agentpen.worker_pid always says who sent it.
+        ed["process"] = {"pid": pid}
     agentpen = ed.pop("agentpen", {})
     agentpen["schema_version"] = SCHEMA_VERSION
     agentpen["worker"] = sender
+    if pid is not None:
+        agentpen["worker_pid"] = pid
     rejected = ed.pop("_rejected", None)
     if rejected:
         agentpen["rejected"] = rejected
@@ -241,6 +243,8 @@ def _skeleton(record: EventDict, why: str) -> EventDict:
             "labels": record["labels"],
             "agentpen": {"schema_version": agentpen["schema_version"],
                          "worker": agentpen["worker"], "rejected": {"body": why},
+                         **({"worker_pid": agentpen["worker_pid"]}
+                            if "worker_pid" in agentpen else {}),
                          **({"chain": agentpen["chain"]} if "chain" in agentpen else {})}}
 
 

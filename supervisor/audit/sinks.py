@@ -36,6 +36,10 @@ class Sink:
     def write(self, line: bytes, record: dict[str, Any]) -> None:
         raise NotImplementedError
 
+    def describe(self) -> str:
+        """For the user: where the stream goes."""
+        return self.name
+
     def sync(self) -> None:
         """Make what was written durable. Raises OSError."""
 
@@ -144,6 +148,9 @@ class FileSink(_FdWriter):
 
     def write(self, line: bytes, record: dict[str, Any]) -> None:
         self._write_all(line)
+
+    def describe(self) -> str:
+        return self.path
 
     def check_rotated(self, now: float) -> bool:
         if now - self._last_check < ROTATION_CHECK_S:
@@ -310,6 +317,9 @@ class JournaldSink(Sink):
                                     array.array("i", [fd]))])
         finally:
             os.close(fd)
+
+    def describe(self) -> str:
+        return "journald (journalctl SYSLOG_IDENTIFIER=agentpen)"
 
     def reopen(self) -> None:
         self._connect()  # journald restarted: its socket is a new one
