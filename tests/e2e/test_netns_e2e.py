@@ -529,3 +529,23 @@ def test_pasta_messages_become_events_not_terminal_noise():
     assert str(port) in events[0]["message"]
     assert not any("syslog" in e["message"] for e in events)
 
+
+
+# -- descriptors crossing into the namespace ----------------------------------------------------
+
+def test_pasta_publish_socket_leak_is_detected_and_closed():
+    # pasta 2023 leaves its host-side --publish listener open in the command it runs
+    res = run("""
+        from agentpen.core.osutil import close_fds_except
+        from agentpen.workers.netns.fds import assert_no_foreign_sockets, foreign_netns_sockets
+        own = socket.socket()  # a socket of the sandbox namespace is not foreign
+        leaked = foreign_netns_sockets()
+        names = [socket.socket(fileno=os.dup(fd)).getsockname() for fd in leaked]
+        close_fds_except([_CTL, own.fileno(), 1, 2])
+        assert_no_foreign_sockets()
+        report(leaked=leaked, names=names, own=own.fileno(), after=foreign_netns_sockets())
+    """, policy(publish=[Publish(free_port(), 3000)]))
+    assert res["leaked"], "no host-namespace socket found: the probe would miss a leak"
+    assert res["own"] not in res["leaked"]
+    assert all(n[0] == "127.0.0.1" for n in res["names"])
+    assert res["after"] == []
