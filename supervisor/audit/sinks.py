@@ -98,6 +98,19 @@ class _FdWriter(Sink):
             os.fsync(self.fd)
 
 
+def _readable(fd: int) -> int:
+    """The same regular file, opened read-write as well: removing a torn line after a
+    short write checks the file's tail first (pread), which O_WRONLY forbids. Opened
+    through /proc rather than by path so it is surely the same file; a FIFO is never
+    opened for reading (that would make us its reader)."""
+    try:
+        rw = os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_APPEND | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError:
+        return fd  # no /proc: a torn line is then ended with a newline instead
+    os.close(fd)
+    return rw
+
+
 def _check_not_terminal(fd: int, what: str) -> os.stat_result:
     if os.isatty(fd):
         raise AuditSinkError(f"{what} is a terminal: the audit stream never goes to a terminal "
@@ -137,6 +150,7 @@ class FileSink(_FdWriter):
                 # refused: it is ours, and its lines name every host the agent reached.
                 if stat.S_IMODE(st.st_mode) != 0o600:
                     os.fchmod(fd, 0o600)
+                fd = _readable(fd)
         except BaseException:
             os.close(fd)
             raise
