@@ -9,6 +9,7 @@ jail has exited, so the placeholders bwrap creates leave nothing in the project.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import signal
@@ -125,9 +126,14 @@ def exec_jail(policy: SessionPolicy, *, status_fd: int, block_fd: int | None = N
     for sig in BWRAP_IGNORED:
         signal.signal(sig, signal.SIG_IGN)
     # Own process group: a kill(0, SIGKILL) inside cannot reach the supervisor's group.
-    os.setpgid(0, 0)
+    if os.getpgrp() != os.getpid():  # a session leader already leads its own group
+        os.setpgid(0, 0)
     if os.isatty(0):
         # Foreground group of the terminal, so Ctrl-C/resize reach the sandbox
         # (SIGTTOU is ignored above, else tcsetpgrp from the background stops us).
-        os.tcsetpgrp(0, os.getpgrp())
+        try:
+            os.tcsetpgrp(0, os.getpgrp())
+        except OSError as exc:
+            if exc.errno != errno.ENOTTY:  # ENOTTY: a tty, but not our controlling one
+                raise
     os.execve(layout.bwrap, argv, dict(policy.env))  # noqa: S606 - argv is built, no shell
