@@ -78,3 +78,19 @@ def test_non_loopback_address_on_lo():
 
 def test_no_loopback_link():
     assert check_state([Link(2, "eth0", False)], [], [])
+
+
+def test_mechanism_reads_the_real_host_namespace():
+    """Positive control for _collect: the host namespace (with an address on a non-lo
+    link and a default route, here) must not pass as closed."""
+    import pytest
+    from agentpen.workers.netns.errors import NetnsSetupError
+    from agentpen.workers.netns.verify import _collect, verify_closed_namespace
+
+    links, addrs, routes = _collect()
+    assert any(link.name == "lo" for link in links)
+    if not check_state(links, addrs, routes):
+        pytest.skip("this host namespace is itself closed: nothing to detect")
+    with pytest.raises(NetnsSetupError) as exc:
+        verify_closed_namespace()
+    assert "not closed" in exc.value.what
