@@ -57,10 +57,11 @@ class Probe:
             os.read(_CTL, 1)
     """)
 
-    def __init__(self, code: str, pol: SessionPolicy | None = None) -> None:
+    def __init__(self, code: str, pol: SessionPolicy | None = None, *, nft: bool = False) -> None:
         self.ctl_r, self.ctl_w = os.pipe()
-        script = self.PRELUDE + textwrap.dedent(code)
-        argv = pasta_argv(pol or policy(), [PY, "-c", script, str(self.ctl_r)],
+        pol = pol or policy()
+        script = self.PRELUDE + (nft_prefix(pol) if nft else "") + textwrap.dedent(code)
+        argv = pasta_argv(pol, [PY, "-c", script, str(self.ctl_r)],
                           detect_features("/usr/bin/pasta"))
         self.argv = argv
         self.proc = spawn_pasta(argv, pass_fds=[self.ctl_r], env=dict(os.environ),
@@ -108,8 +109,17 @@ class Probe:
         return rc
 
 
-def run(code: str, pol: SessionPolicy | None = None) -> dict[str, Any]:
-    probe = Probe(code, pol)
+def nft_prefix(pol: SessionPolicy) -> str:
+    """Probe code that loads and verifies the session's ruleset first."""
+    return textwrap.dedent(f"""
+        from agentpen.core.policy import SessionPolicy as _SP
+        from agentpen.workers.netns.nftables import load_and_verify as _load
+        _load(_SP.from_json(json.loads({json.dumps(pol.to_json())!r})))
+    """)
+
+
+def run(code: str, pol: SessionPolicy | None = None, *, nft: bool = False) -> dict[str, Any]:
+    probe = Probe(code, pol, nft=nft)
     try:
         return probe.read()
     finally:
@@ -246,7 +256,8 @@ REACH = textwrap.dedent("""
 """)
 
 
-def test_no_host_service_reachable_tcp_udp_v4_v6():
+@pytest.mark.parametrize("nft", [False, True], ids=["pasta-only", "with-nft"])
+def test_no_host_service_reachable_tcp_udp_v4_v6(nft):
     host = HostServers()
     targets = ["127.0.0.1", "::1", *host_addresses(), "10.0.2.2", "169.254.1.1",
                "192.0.2.1", "fe80::1"]
@@ -260,7 +271,7 @@ def test_no_host_service_reachable_tcp_udp_v4_v6():
             ctl = [tcp("127.0.0.1", port), udp("127.0.0.1", port)]
             u.settimeout(3); ctl.append(u.recv(10).decode())
             report(out=out, control=ctl)
-        """))
+        """), nft=nft)
         conns, dgrams = host.pending()
     finally:
         host.close()
@@ -275,7 +286,8 @@ def test_no_host_service_reachable_tcp_udp_v4_v6():
     assert (conns, dgrams) == (0, 0), "a host service received traffic from the sandbox"
 
 
-def test_host_port_door_opens_exactly_that_port():
+@pytest.mark.parametrize("nft", [False, True], ids=["pasta-only", "with-nft"])
+def test_host_port_door_opens_exactly_that_port(nft):
     host = HostServers()
     other = HostServers()
     try:
@@ -283,7 +295,7 @@ def test_host_port_door_opens_exactly_that_port():
             report(door=[tcp("127.0.0.1", {host.port}), tcp("::1", {host.port})],
                    other=[tcp("127.0.0.1", {other.port}), tcp("::1", {other.port})],
                    udp=[udp("127.0.0.1", {host.port}), udp("127.0.0.1", {other.port})])
-        """), policy(host_ports=[host.port]))
+        """), policy(host_ports=[host.port]), nft=nft)
         # the door's connections are spliced to the host: wait until they arrive there
         sel = selectors.DefaultSelector()
         sel.register(host.tcp[0], selectors.EVENT_READ)
@@ -345,10 +357,11 @@ def listeners_on_host(port: int) -> list[str]:
     return found
 
 
-def test_sandbox_listeners_unreachable_from_host_and_publish_is_one_loopback_door():
+@pytest.mark.parametrize("nft", [False, True], ids=["pasta-only", "with-nft"])
+def test_sandbox_listeners_unreachable_from_host_and_publish_is_one_loopback_door(nft):
     sport = free_port()
     addrs = ["127.0.0.1", "::1", *host_addresses()]
-    probe = Probe(SANDBOX_SERVER.replace("PORT", str(sport)))
+    probe = Probe(SANDBOX_SERVER.replace("PORT", str(sport)), nft=nft)
     try:
         assert probe.read() == {"ready": True}
         closed = {a: host_connect(a, sport) for a in addrs}
@@ -361,7 +374,7 @@ def test_sandbox_listeners_unreachable_from_host_and_publish_is_one_loopback_doo
     # on the host's 127.0.0.1 only
     hport = free_port()
     probe = Probe(SANDBOX_SERVER.replace("PORT", str(sport)),
-                  policy(publish=[Publish(hport, sport)]))
+                  policy(publish=[Publish(hport, sport)]), nft=nft)
     try:
         assert probe.read() == {"ready": True}
         bound = listeners_on_host(hport)
