@@ -1,0 +1,482 @@
+"""Integration tests of the proxy worker in the host netns: the real proxy_main forked
+the way the supervisor forks it (confined), a fake supervisor end on the channel,
+a loopback listening socket, raw and TLS upstreams on loopback pinned with Upstream."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import multiprocessing
+import os
+import select
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from agentpen.core.channel import Channel, Message, MsgType, channel_pair
+from agentpen.core.policy import SessionPolicy, Upstream
+from agentpen.workers.proxy.server import Limits, proxy_main
+from test_proxy_clienthello import build_hello, python_ssl_hello
+
+TIMEOUT = 10.0
+ALERT_ACCESS_DENIED = b"\x15\x03\x03\x00\x02\x02\x31"
+
+
+# -- fake supervisor --------------------------------------------------------------------
+
+
+class FakeSupervisor(threading.Thread):
+    """Reads the worker's messages, ACKs decisions (ok / refused / held)."""
+
+    def __init__(self, chan: Channel) -> None:
+        super().__init__(daemon=True)
+        self.chan = chan
+        self.msgs: list[Message] = []
+        self.cond = threading.Condition()
+        self.ack_ok = True
+        self.hold = False
+        self.held: list[int] = []
+        self.eof = False
+
+    def run(self) -> None:
+        while True:
+            try:
+                msg = self.chan.recv()
+            except OSError:
+                msg = None
+            with self.cond:
+                if msg is None:
+                    self.eof = True
+                    self.cond.notify_all()
+                    return
+                self.msgs.append(msg)
+                ack_id = msg.body.get("ack_id")
+                if ack_id is not None:
+                    if self.hold:
+                        self.held.append(ack_id)
+                    else:
+                        self.chan.send(MsgType.ACK, {"ack_id": ack_id, "ok": self.ack_ok})
+                self.cond.notify_all()
+
+    def release(self) -> None:
+        with self.cond:
+            self.hold = False
+            for ack_id in self.held:
+                self.chan.send(MsgType.ACK, {"ack_id": ack_id, "ok": self.ack_ok})
+            self.held.clear()
+
+    def wait_for(self, pred: Callable[[], Any], timeout: float = TIMEOUT) -> Any:
+        with self.cond:
+            res = self.cond.wait_for(pred, timeout)
+        assert res, f"timed out; messages so far: {[m.body for m in self.msgs]}"
+        return res
+
+    def events(self, action: str) -> list[dict[str, Any]]:
+        return [m.body for m in self.msgs if m.type == MsgType.EVENT and m.body["action"] == action]
+
+    def wait_event(self, action: str, n: int = 1) -> list[dict[str, Any]]:
+        return self.wait_for(lambda: len(self.events(action)) >= n and self.events(action))
+
+    def status(self, key: str) -> dict[str, Any]:
+        return self.wait_for(lambda: next(
+            (m.body for m in self.msgs if m.type == MsgType.STATUS and key in m.body), None))
+
+
+# -- upstreams ------------------------------------------------------------------------------
+
+
+class RawUpstream(threading.Thread):
+    """A TCP server on loopback that runs `handler(conn)` per connection and counts them."""
+
+    def __init__(self, handler: Callable[[socket.socket], None]) -> None:
+        super().__init__(daemon=True)
+        self.srv = socket.socket()
+        self.srv.bind(("127.0.0.1", 0))
+        self.srv.listen()
+        self.port = self.srv.getsockname()[1]
+        self.handler = handler
+        self.accepted = 0
+        self.errors: list[BaseException] = []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while True:
+            try:
+                conn, _ = self.srv.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            conn.settimeout(TIMEOUT)
+            try:
+                self.handler(conn)
+            except BaseException as exc:  # surfaced by the test
+                self.errors.append(exc)
+            finally:
+                conn.close()
+                self.done.set()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.srv.shutdown(socket.SHUT_RDWR)
+        self.srv.close()
+
+
+def recv_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while True:
+        d = sock.recv(1 << 16)
+        if not d:
+            return b"".join(chunks)
+        chunks.append(d)
+
+
+# -- the worker ------------------------------------------------------------------------------
+
+
+@dataclass
+class Worker:
+    sup: FakeSupervisor
+    port: int
+    proc: Any
+    resolved: list[str] = field(default_factory=list)
+
+    def connect(self) -> socket.socket:
+        s = socket.create_connection(("127.0.0.1", self.port), timeout=TIMEOUT)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return s
+
+
+def make_policy(allow: list[str], upstreams: list[Upstream] | None = None,
+                learn: bool = False) -> dict[str, Any]:
+    return SessionPolicy(session_id="t", profile="untrusted", agent=None, project="/tmp",
+                         command=["/bin/true"], command_name="true", allow=allow,
+                         upstreams=upstreams or [], learn=learn).to_json()
+
+
+FAKE_DNS: dict[str, list[str]] = {"private.example.com": ["127.0.0.1"],
+                                  "mixed.example.com": ["10.1.1.1", "::1", "192.168.0.9"]}
+
+
+async def fake_resolver(host: str, port: int, type: int = 0) -> list[Any]:
+    if host not in FAKE_DNS:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    return [(socket.AF_INET6 if ":" in ip else socket.AF_INET, type, 6, "", (ip, port))
+            for ip in FAKE_DNS[host]]
+
+
+@contextlib.contextmanager
+def running_worker(policy: dict[str, Any], **limits: Any) -> Iterator[Worker]:
+    sup_end, wk_end = channel_pair()
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(128)
+    ctx = multiprocessing.get_context("fork")
+    lim = Limits(**{"hello_timeout": 2.0, "ack_timeout": 3.0, "connect_timeout": 3.0,
+                    "resolve_timeout": 3.0, **limits})
+    proc = ctx.Process(target=proxy_main,
+                       args=(wk_end.fileno(), [lsock.fileno()], policy, 7),
+                       kwargs={"limits": lim, "parent_pid": os.getpid(),
+                               "resolver": fake_resolver, "debug_ops": True})
+    proc.start()
+    wk_end.close()
+    sup = FakeSupervisor(sup_end)
+    sup.start()
+    w = Worker(sup, lsock.getsockname()[1], proc)
+    try:
+        sup.status("state")
+        assert sup.status("state")["state"] == "ready"
+        yield w
+    finally:
+        with contextlib.suppress(OSError):
+            sup_end.send(MsgType.CONTROL, {"op": "shutdown"})
+        proc.join(TIMEOUT)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(TIMEOUT)
+        sup_end.close()
+        lsock.close()
+
+
+def pinned(port: int, host: str = "api.example.com") -> list[Upstream]:
+    return [Upstream(host, "127.0.0.1", port)]
+
+
+# -- tests ---------------------------------------------------------------------------------------
+
+
+def test_allowed_bytes_verbatim_both_ways_with_half_close() -> None:
+    hello = python_ssl_hello("api.example.com")
+    up_payload = os.urandom(3 * 1024 * 1024 + 17)
+    down_payload = os.urandom(2 * 1024 * 1024 + 5)
+    got: dict[str, bytes] = {}
+
+    def handler(conn: socket.socket) -> None:
+        got["up"] = recv_all(conn)  # until the client's FIN, passed on by the proxy
+        conn.sendall(down_payload)  # still possible: only one direction is closed
+        conn.shutdown(socket.SHUT_WR)
+
+    up = RawUpstream(handler)
+    up.start()
+    with running_worker(make_policy(["*.example.com"], pinned(up.port))) as w:
+        # Hold the ACK: nothing may reach the upstream before the decision is recorded.
+        w.sup.hold = True
+        c = w.connect()
+        c.sendall(hello)
+        w.sup.wait_for(lambda: w.sup.held)
+        r, _, _ = select.select([up.srv], [], [], 0.3)
+        assert not r and up.accepted == 0, "upstream reached before the ACK"
+        w.sup.release()
+        c.sendall(up_payload)
+        c.shutdown(socket.SHUT_WR)
+        received = recv_all(c)
+        c.close()
+        assert up.done.wait(TIMEOUT) and not up.errors
+        assert got["up"] == hello + up_payload
+        assert received == down_payload
+        start = w.sup.wait_event("connection-allowed")[0]
+        assert start["event"]["type"] == ["connection", "allowed", "start"]
+        assert start["rule"] == {"name": "*.example.com"}
+        assert start["tls"]["client"]["server_name"] == "api.example.com"
+        assert start["agentpen"]["upstream_pinned"] is True
+        end = w.sup.wait_event("connection-closed")[0]
+        assert end["event"]["outcome"] == "success"
+        assert end["source"]["bytes"] == len(hello) + len(up_payload)
+        assert end["destination"]["bytes"] == len(down_payload)
+        assert end["destination"]["ip"] == "127.0.0.1" and end["event"]["duration"] > 0
+    up.close()
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = d / "cert.pem", d / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "2", "-subj", "/CN=api.example.com",
+                    "-addext", "subjectAltName=DNS:api.example.com"],
+                   check=True, capture_output=True, timeout=30)
+    return cert, key
+
+
+def test_real_tls_passthrough_no_mitm(tls_files: tuple[Path, Path]) -> None:
+    cert, key = tls_files
+    sctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    sctx.load_cert_chain(cert, key)
+
+    def handler(conn: socket.socket) -> None:
+        with sctx.wrap_socket(conn, server_side=True) as t:
+            while data := t.recv(65536):
+                t.sendall(data[::-1])
+
+    up = RawUpstream(handler)
+    up.start()
+    with running_worker(make_policy(["api.example.com"], pinned(up.port))) as w:
+        cctx = ssl.create_default_context(cafile=str(cert))  # verifies the upstream's own cert
+        with cctx.wrap_socket(w.connect(), server_hostname="api.example.com") as t:
+            t.sendall(b"hello upstream")
+            assert t.recv(100) == b"maertspu olleh"
+            assert t.getpeercert()["subject"] == ((("commonName", "api.example.com"),),)
+        end = w.sup.wait_event("connection-closed")[0]
+        assert end["event"]["outcome"] == "success"
+    up.close()
+
+
+def _blocked(w: Worker, data: bytes | list[bytes]) -> bytes:
+    c = w.connect()
+    for chunk in data if isinstance(data, list) else [data]:
+        with contextlib.suppress(OSError):
+            c.sendall(chunk)
+    try:
+        return recv_all(c)
+    except ConnectionResetError:
+        return b"<reset>"
+    finally:
+        c.close()
+
+
+def test_unlisted_name_blocked_before_any_byte() -> None:
+    up = RawUpstream(lambda conn: None)
+    up.start()
+    policy = make_policy(["api.example.com"], pinned(up.port) + pinned(up.port, "evil.example.net"))
+    with running_worker(policy) as w:
+        assert _blocked(w, python_ssl_hello("evil.example.net")) == ALERT_ACCESS_DENIED
+        ev = w.sup.wait_event("connection-denied")[0]
+        assert ev["event"]["type"] == ["connection", "denied"]
+        assert ev["event"]["outcome"] == "success"
+        assert "not in the allowlist" in ev["event"]["reason"]
+        assert ev["destination"]["domain"] == "evil.example.net"
+        assert up.accepted == 0 and not w.sup.events("connection-allowed")
+        # positive control: the listed name, same pin, reaches the same upstream
+        c = w.connect()
+        c.sendall(python_ssl_hello("api.example.com"))
+        assert up.done.wait(TIMEOUT) and up.accepted == 1
+        c.close()
+    up.close()
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (python_ssl_hello(None), "no SNI"),
+        (b"GET / HTTP/1.1\r\nHost: api.example.com\r\n\r\n", "malformed ClientHello"),
+        (build_hello(b"api.example.com\x00.evil.net"), "malformed ClientHello"),
+    ],
+)
+def test_blocked_hellos(data: bytes, reason: str) -> None:
+    with running_worker(make_policy(["api.example.com"], learn=True)) as w:
+        _blocked(w, data)
+        ev = w.sup.wait_event("connection-denied")[0]
+        assert reason in ev["event"]["reason"]
+        assert w.sup.events("connection-allowed") == []
+
+
+def test_hello_trickled_byte_by_byte() -> None:
+    hello = python_ssl_hello("api.example.com")
+    got: dict[str, bytes] = {}
+    up = RawUpstream(lambda conn: got.setdefault("up", recv_all(conn)))
+    up.start()
+    with running_worker(make_policy(["api.example.com"], pinned(up.port))) as w:
+        c = w.connect()
+        for i in range(len(hello)):
+            c.send(hello[i : i + 1])
+        c.shutdown(socket.SHUT_WR)
+        assert recv_all(c) == b""
+        assert up.done.wait(TIMEOUT) and got["up"] == hello
+    up.close()
+
+
+def test_incomplete_hello_closed_after_timeout() -> None:
+    hello = python_ssl_hello("api.example.com")
+    with running_worker(make_policy(["api.example.com"]), hello_timeout=0.5) as w:
+        c = w.connect()
+        c.sendall(hello[:-1])
+        t0 = time.monotonic()
+        assert recv_all(c) == b""  # closed by the proxy, not by us
+        assert 0.4 < time.monotonic() - t0 < 5
+        ev = w.sup.wait_event("connection-denied")[0]
+        assert ev["event"]["code"] == "hello-timeout"
+
+
+def test_ack_refused_closes_without_dialling() -> None:
+    up = RawUpstream(lambda conn: None)
+    up.start()
+    with running_worker(make_policy(["api.example.com"], pinned(up.port))) as w:
+        w.sup.ack_ok = False
+        assert _blocked(w, python_ssl_hello("api.example.com")) == b""
+        assert w.sup.wait_event("connection-allowed")
+        assert up.accepted == 0
+        w.sup.ack_ok = True  # positive control: the same connection with ok=True is dialled
+        c = w.connect()
+        c.sendall(python_ssl_hello("api.example.com"))
+        assert up.done.wait(TIMEOUT) and up.accepted == 1
+        c.close()
+    up.close()
+
+
+def test_private_resolution_refused_unless_pinned() -> None:
+    up = RawUpstream(lambda conn: None)
+    up.start()
+    # private.example.com resolves (fake resolver) to 127.0.0.1, where `up` listens on
+    # the port the worker dials for unpinned names.
+    with running_worker(make_policy(["*.example.com"]), upstream_port=up.port) as w:
+        assert _blocked(w, python_ssl_hello("private.example.com")) == b""
+        end = w.sup.wait_event("connection-closed")[0]
+        assert end["event"]["outcome"] == "failure"
+        assert "127.0.0.1 (loopback)" in end["error"]["message"]
+        _blocked(w, python_ssl_hello("mixed.example.com"))
+        end = w.sup.wait_event("connection-closed", 2)[1]
+        assert "10.1.1.1 (private" in end["error"]["message"]
+        assert "::1 (loopback)" in end["error"]["message"]
+        assert up.accepted == 0
+    policy = make_policy(["*.example.com"], pinned(up.port, "private.example.com"))
+    with running_worker(policy) as w:  # positive control: pinned, the same address is reached
+        c = w.connect()
+        c.sendall(python_ssl_hello("private.example.com"))
+        assert up.done.wait(TIMEOUT) and up.accepted == 1
+        c.close()
+        end = w.sup.wait_event("connection-closed")[0]
+        assert end["agentpen"]["upstream_pinned"] is True
+    up.close()
+
+
+def test_upstream_unreachable_audited() -> None:
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
+    port = dead.getsockname()[1]
+    dead.close()  # nothing listens here now: connection refused
+    with running_worker(make_policy(["api.example.com"], pinned(port))) as w:
+        assert _blocked(w, python_ssl_hello("api.example.com")) == b""
+        end = w.sup.wait_event("connection-closed")[0]
+        assert end["event"]["outcome"] == "failure"
+        assert f"127.0.0.1:{port}" in end["error"]["message"]
+
+
+def test_connection_cap_audited() -> None:
+    with running_worker(make_policy(["api.example.com"]), max_connections=2) as w:
+        held = [w.connect(), w.connect()]
+        for c in held:
+            c.sendall(b"\x16")  # start a hello, keep the slot busy
+        assert _blocked(w, python_ssl_hello("api.example.com")) in (b"", b"<reset>")
+        ev = w.sup.wait_event("connection-denied")[0]
+        assert ev["event"]["code"] == "connection-cap"
+        for c in held:
+            c.close()
+
+
+def test_deny_new_and_allow_new() -> None:
+    up = RawUpstream(lambda conn: None)
+    up.start()
+    with running_worker(make_policy(["api.example.com"], pinned(up.port))) as w:
+        w.sup.chan.send(MsgType.CONTROL, {"op": "deny-new"})
+        w.sup.wait_for(lambda: any(m.body.get("control") == "deny-new" for m in w.sup.msgs))
+        # closed unread: FIN or RST depending on whether the hello arrived first
+        assert _blocked(w, python_ssl_hello("api.example.com")) in (b"", b"<reset>")
+        w.sup.chan.send(MsgType.CONTROL, {"op": "allow-new"})
+        ev = w.sup.wait_event("connections-refused")[0]
+        assert ev["agentpen"]["count"] >= 1
+        assert up.accepted == 0
+        c = w.connect()  # positive control after allow-new
+        c.sendall(python_ssl_hello("api.example.com"))
+        assert up.done.wait(TIMEOUT) and up.accepted == 1
+        c.close()
+    up.close()
+
+
+def test_idle_timeout() -> None:
+    up = RawUpstream(lambda conn: conn.recv(1 << 20) and conn.recv(1))
+    up.start()
+    with running_worker(make_policy(["api.example.com"], pinned(up.port)), idle_timeout=0.5) as w:
+        c = w.connect()
+        c.sendall(python_ssl_hello("api.example.com"))
+        assert recv_all(c) == b""
+        end = w.sup.wait_event("connection-closed")[0]
+        assert "idle" in end["agentpen"]["close_reason"]
+    up.close()
+
+
+def test_worker_cannot_exec() -> None:
+    with running_worker(make_policy(["api.example.com"])) as w:
+        w.sup.chan.send(MsgType.CONTROL, {"op": "probe-exec"})
+        assert w.sup.status("probe")["exec_errno"] == errno.EPERM
+    # positive control: the same probe in an unconfined child does exec /bin/true
+    pid = os.fork()
+    if pid == 0:
+        from agentpen.workers.proxy.server import _probe_exec
+        _probe_exec()
+        os._exit(99)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_worker_exits_when_channel_closes() -> None:
+    with running_worker(make_policy(["api.example.com"])) as w:
+        w.sup.chan.sock.shutdown(socket.SHUT_RDWR)
+        w.proc.join(TIMEOUT)
+        assert w.proc.exitcode == 0
