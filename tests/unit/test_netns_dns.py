@@ -194,3 +194,11 @@ def test_server_answers_over_udp_v4_and_v6():
         assert server.handle_readable(server.fileno_list()[0]) == []  # nothing waiting
     finally:
         server.close()
+
+
+def test_learned_names_survive_the_rate_limit():
+    audit = DnsAudit(RateLimiter(rate=1, burst=1, clock=Clock()))
+    sent = [audit.event(DnsDecision("learned", f"n{i}.example", "A", "NOERROR"))
+            for i in range(5)]
+    assert sum(e is not None for e in sent) == 1 and sent[0]["action"] == "dns-learned"
+    assert audit.summary()["agentpen"]["dns"]["learned"] == [f"n{i}.example" for i in range(5)]

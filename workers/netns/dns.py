@@ -140,6 +140,8 @@ class DnsAudit:
     bucket is empty, or more than ``MAX_NAMES_TRACKED`` names were seen, events are
     dropped and counted; the next event that goes out (and ``summary()``) carries the
     counts of what was dropped. Allowed names make no event: the proxy audits their use.
+    Learned names are also kept in ``learned`` whatever the rate limit (up to the cap), so
+    ``summary()`` lists every name learn mode saw.
     """
 
     def __init__(self, limiter: RateLimiter | None = None) -> None:
@@ -147,11 +149,14 @@ class DnsAudit:
         self.seen: dict[str, int] = {}
         self.suppressed = 0  # events dropped by the rate limit or the name cap
         self.repeats = 0  # lookups of names already reported
+        self.learned: dict[str, None] = {}  # ordered set of every learned name
 
     def event(self, decision: DnsDecision) -> dict[str, Any] | None:
         if decision.verdict not in ("refused", "learned"):
             return None
         key = decision.name or "<not a hostname>"
+        if decision.verdict == "learned" and len(self.learned) < MAX_NAMES_TRACKED:
+            self.learned[key] = None
         if key in self.seen:
             self.seen[key] += 1
             self.repeats += 1
@@ -183,7 +188,8 @@ class DnsAudit:
             f"lookups not reported, {self.suppressed} events dropped by the rate limit",
             category=["network"], type=["info"],
             agentpen={"dns": {"names": len(self.seen), "repeats": self.repeats,
-                              "suppressed": self.suppressed}},
+                              "suppressed": self.suppressed,
+                              **({"learned": list(self.learned)} if self.learned else {})}},
         )
 
 
