@@ -126,6 +126,15 @@ def _valid_enum(value: Any, allowed: frozenset[str]) -> bool:
     return isinstance(value, str) and value in allowed
 
 
+def _valid_list(value: list[Any], allowed: frozenset[str]) -> bool:
+    return bool(value) and all(type(v) is str for v in value) and allowed.issuperset(value)
+
+
+_INT_BY_FIELDSET: dict[str, list[tuple[str, int, int]]] = {}
+for (_fs, _key), (_low, _high) in INT_FIELDS.items():
+    _INT_BY_FIELDSET.setdefault(_fs, []).append((_key, _low, _high))
+
+
 def check_types(_logger: Any, _name: str, ed: EventDict) -> EventDict:
     """Keep ECS-typed fields to their types and allowed values, so every written line
     validates against supervisor/audit-schema.json; move offenders to agentpen.rejected."""
@@ -141,24 +150,24 @@ def check_types(_logger: Any, _name: str, ed: EventDict) -> EventDict:
         value = event[key]
         if isinstance(value, str):
             value = [value]
-        if not isinstance(value, list) or not value or not all(
-                _valid_enum(v, allowed) for v in value):
-            _reject(ed, f"event.{key}", event.pop(key))
-        else:
+        if isinstance(value, list) and _valid_list(value, allowed):
             event[key] = value
-    for key in ("outcome",):
-        if key in event and not _valid_enum(event[key], EVENT_OUTCOMES):
+        else:
             _reject(ed, f"event.{key}", event.pop(key))
+    if "outcome" in event and not _valid_enum(event["outcome"], EVENT_OUTCOMES):
+        _reject(ed, "event.outcome", event.pop("outcome"))
     for key in ("reason", "provider", "module", "dataset", "original", "code"):
         if key in event and not isinstance(event[key], str):
             _reject(ed, f"event.{key}", event.pop(key))
-    for (fieldset, key), (low, high) in INT_FIELDS.items():
+    for fieldset, specs in _INT_BY_FIELDSET.items():
         holder = ed.get(fieldset)
-        if holder is None or key not in holder:
+        if not holder:
             continue
-        value = holder[key]
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            _reject(ed, f"{fieldset}.{key}", holder.pop(key))
+        for key, low, high in specs:
+            if key in holder:
+                value = holder[key]
+                if type(value) is not int or not low <= value <= high:  # bool is not an int here
+                    _reject(ed, f"{fieldset}.{key}", holder.pop(key))
     return ed
 
 
