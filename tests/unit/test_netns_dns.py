@@ -202,3 +202,12 @@ def test_learned_names_survive_the_rate_limit():
             for i in range(5)]
     assert sum(e is not None for e in sent) == 1 and sent[0]["action"] == "dns-learned"
     assert audit.summary()["agentpen"]["dns"]["learned"] == [f"n{i}.example" for i in range(5)]
+
+
+def test_with_the_real_allowlist_matcher():
+    allowlist = pytest.importorskip("agentpen.workers.proxy.allowlist")
+    match = allowlist.Allowlist(["api.example.com", "*.wild.example"]).match
+    for name, verdict in (("API.example.com.", "allowed"), ("a.b.wild.example", "allowed"),
+                          ("wild.example", "refused"), ("example.com", "refused")):
+        _, d = answer(DNSRecord.question(name).pack(), match, learn=False)
+        assert d.verdict == verdict, name
