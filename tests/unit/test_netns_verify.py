@@ -94,3 +94,20 @@ def test_mechanism_reads_the_real_host_namespace():
     with pytest.raises(NetnsSetupError) as exc:
         verify_closed_namespace()
     assert "not closed" in exc.value.what
+
+
+def test_preload_imports_pyroute2_in_a_thread_that_is_joined():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, threading\n"
+        "from agentpen.workers.netns import verify\n"
+        "t = verify.preload_in_background()\n"
+        "assert verify.preload_in_background() is t\n"
+        "verify._collect()\n"
+        "print(t.is_alive(), 'pyroute2' in sys.modules, threading.active_count())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout.split()
+    assert out == ["False", "True", "1"]

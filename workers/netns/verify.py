@@ -10,8 +10,10 @@ import short of stubbing the package in ``sys.modules``, which we do not do.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
+import threading
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -100,7 +102,26 @@ def check_state(links: list[Link], addresses: list[Address], routes: list[Route]
     return problems
 
 
+_preload: threading.Thread | None = None
+
+
+def preload_in_background() -> threading.Thread:
+    """Start importing pyroute2 in a daemon thread, so that its cost overlaps with work
+    that waits (the CONFIG round trip, nft). ``verify_closed_namespace()`` joins it, so no
+    thread is left running when the worker forks the jail."""
+    global _preload
+    if _preload is None:
+        def load() -> None:
+            with contextlib.suppress(ImportError):  # reported by _collect(), fail closed
+                import pyroute2  # noqa: F401
+        _preload = threading.Thread(target=load, name="pyroute2-preload", daemon=True)
+        _preload.start()
+    return _preload
+
+
 def _collect() -> tuple[list[Link], list[Address], list[Route]]:
+    if _preload is not None:
+        _preload.join()
     try:
         from pyroute2 import IPRoute  # lazy: ~120-150 ms, off the import path of callers
     except ImportError as exc:
