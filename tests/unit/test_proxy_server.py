@@ -480,3 +480,52 @@ def test_worker_exits_when_channel_closes() -> None:
         w.sup.chan.sock.shutdown(socket.SHUT_RDWR)
         w.proc.join(TIMEOUT)
         assert w.proc.exitcode == 0
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def test_backpressure_bounds_memory_and_download_completes() -> None:
+    total = 160 * 1024 * 1024
+    state = {"sent": 0, "at_block": 0}
+    blocked = threading.Event()
+    hello = python_ssl_hello("api.example.com")
+
+    def handler(conn: socket.socket) -> None:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        got = b""
+        while len(got) < len(hello):
+            got += conn.recv(65536)
+        chunk = bytes(1 << 16)
+        conn.settimeout(1.0)  # a send that waits this long means the proxy stopped reading
+        while state["sent"] < total:
+            try:
+                state["sent"] += conn.send(chunk[: total - state["sent"]])
+            except TimeoutError:
+                if not blocked.is_set():
+                    state["at_block"] = state["sent"]
+                    blocked.set()
+                conn.settimeout(TIMEOUT)
+        conn.shutdown(socket.SHUT_WR)
+
+    up = RawUpstream(handler)
+    up.start()
+    with running_worker(make_policy(["api.example.com"], pinned(up.port))) as w:
+        rss0 = _rss_kib(w.proc.pid)
+        c = socket.socket()
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        c.settimeout(TIMEOUT)
+        c.connect(("127.0.0.1", w.port))
+        c.sendall(hello)
+        assert blocked.wait(TIMEOUT * 3), "upstream never blocked: the proxy buffers without bound"
+        growth = _rss_kib(w.proc.pid) - rss0
+        received = 0
+        while d := c.recv(1 << 20):
+            received += len(d)
+        c.close()
+        assert received == total  # no stall after the pause
+        assert state["at_block"] < total // 2
+        assert growth < 16 * 1024, f"proxy RSS grew {growth} KiB while the client was stalled"
+    up.close()

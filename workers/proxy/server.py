@@ -16,6 +16,7 @@ import array
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import ipaddress
 import itertools
 import os
@@ -52,7 +53,7 @@ class Limits:
     connect_timeout: float = 10.0  # per upstream address
     idle_timeout: float = 900.0  # no byte either way (agents keep long SSE streams open)
     max_lifetime: float = 6 * 3600.0
-    max_connections: int = 512  # concurrent, per session (this worker serves one session)
+    max_connections: int = 4096  # concurrent, per session (one worker serves one session)
     write_high: int = 256 * 1024  # per direction: pause the reader above this
     max_outbox: int = 4096  # channel messages queued while the supervisor is slow
     upstream_port: int = 443
@@ -85,9 +86,25 @@ def proxy_main(channel_fd: int, listen_fds: list[int], policy_json: dict, incarn
                                           "incarnation": incarnation, "error": str(exc)})
         raise SystemExit(2) from exc
     socks = [socket.socket(fileno=fd) for fd in listen_fds]
-    proxy = Proxy(channel, socks, policy, allowlist, incarnation, limits or Limits(),
+    proxy = Proxy(channel, socks, policy, allowlist, incarnation, fit_fd_limit(limits or Limits()),
                   resolver=resolver, debug_ops=debug_ops, seccomp_denied=denied)
     uvloop.run(proxy.serve())
+
+
+def fit_fd_limit(limits: Limits) -> Limits:
+    """Each connection holds two descriptors: raise RLIMIT_NOFILE toward what the cap
+    needs (up to the hard limit), and lower the cap if the hard limit is smaller, so the
+    cap -- audited -- is hit before accept() fails with EMFILE."""
+    import resource
+
+    need = 2 * limits.max_connections + 64
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        soft = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    if soft != resource.RLIM_INFINITY and soft < need:
+        return dataclasses.replace(limits, max_connections=max(1, (soft - 64) // 2))
+    return limits
 
 
 class Proxy:
@@ -134,6 +151,7 @@ class Proxy:
             "state": "ready", "role": "proxy", "incarnation": self.incarnation,
             "listeners": len(self.listeners), "allowlist_digest": self.allowlist.digest(),
             "allowlist_entries": len(self.allowlist), "learn": self.learn,
+            "max_connections": self.limits.max_connections,
             "seccomp_denied": self.seccomp_denied,
         })
         try:
