@@ -57,14 +57,15 @@ class Probe:
             os.read(_CTL, 1)
     """)
 
-    def __init__(self, code: str, pol: SessionPolicy | None = None, *, nft: bool = False) -> None:
+    def __init__(self, code: str, pol: SessionPolicy | None = None, *, nft: bool = False,
+                 extra_fds: tuple[int, ...] = ()) -> None:
         self.ctl_r, self.ctl_w = os.pipe()
         pol = pol or policy()
         script = self.PRELUDE + (nft_prefix(pol) if nft else "") + textwrap.dedent(code)
         argv = pasta_argv(pol, [PY, "-c", script, str(self.ctl_r)],
                           detect_features("/usr/bin/pasta"))
         self.argv = argv
-        self.proc = spawn_pasta(argv, pass_fds=[self.ctl_r], env=dict(os.environ),
+        self.proc = spawn_pasta(argv, pass_fds=[self.ctl_r, *extra_fds], env=dict(os.environ),
                                 stdout=subprocess.PIPE)
         os.close(self.ctl_r)
         self.sel = selectors.DefaultSelector()
@@ -562,3 +563,55 @@ def test_pasta_publish_socket_leak_is_detected_and_closed():
     assert res["own"] not in res["leaked"]
     assert all(n[0] == "127.0.0.1" for n in res["names"])
     assert res["after"] == []
+
+
+# -- the one door: listeners made inside, accepted from the host ----------------------------------
+
+def test_proxy_listeners_handed_to_the_host_carry_sandbox_connections():
+    import array
+
+    host_end, ns_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ns_fd = ns_end.fileno()
+    probe = Probe(f"""
+        import array
+        from agentpen.workers.netns.caps import drop_and_prove
+        from agentpen.workers.netns.listeners import create_proxy_listeners
+        chan = socket.socket(fileno={ns_fd})
+        socks = create_proxy_listeners(443)
+        chan.sendmsg([b"fds"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                 array.array("i", [s.fileno() for s in socks]))])
+        for s in socks:
+            s.close()
+        drop_and_prove()  # the sandbox side holds nothing privileged any more
+        got = []
+        for addr in ("127.0.0.1", "::1"):
+            fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
+            with socket.socket(fam) as c:
+                c.settimeout(10); c.connect((addr, 443)); c.sendall(b"hello " + addr.encode())
+                got.append(c.recv(100).decode())
+        report(got=got)
+    """, extra_fds=(ns_fd,))
+    ns_end.close()
+    try:
+        host_end.settimeout(WAIT)
+        _, anc, _, _ = host_end.recvmsg(16, socket.CMSG_SPACE(8))
+        fds = array.array("i")
+        for level, kind, data in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(data)
+        listeners = [socket.socket(fileno=fd) for fd in fds]
+        assert len(listeners) == 2
+        for lst in listeners:  # accepted here, in the host namespace
+            lst.setblocking(True)
+            lst.settimeout(WAIT)
+            conn, peer = lst.accept()
+            with conn:
+                data = conn.recv(100)
+                conn.sendall(b"proxy saw " + data)
+            assert peer[0] in ("127.0.0.1", "::1")
+        res = probe.read()
+    finally:
+        probe.finish()
+        host_end.close()
+    assert res["got"] == ["proxy saw hello 127.0.0.1", "proxy saw hello ::1"]
+    # the host's own 127.0.0.1:443 was never involved: it is not the sandbox's loopback
