@@ -180,3 +180,14 @@ def test_log_is_bounded():
 def test_log_scrubs_control_characters():
     (ev,) = PastaLog().feed(b"warning: odd \x1b[31mred\x07\n")
     assert "\x1b" not in ev["message"] and ev["level"] == "warning"
+
+
+@pytest.mark.parametrize("pol", [
+    policy(publish=[Publish(8443, 443)]),
+    policy(publish=[Publish(5353, 53)]),
+    policy(host_ports=[443]),
+    policy(host_ports=[53]),
+])
+def test_doors_onto_agentpens_own_ports_refused(pol):
+    with pytest.raises(NetnsSetupError):
+        pasta_argv(pol, ["w"], F2023)

@@ -96,6 +96,7 @@ def pasta_argv(policy: SessionPolicy, inner_argv: list[str], features: PastaFeat
     for opt in OPTIONAL_OFF:
         if features.has(opt):
             argv.append(opt)  # no tap services, no UDP or ICMP handler: no door needs them
+    _check_doors(policy)
     tcp_doors = bool(policy.publish or policy.host_ports)
     if not tcp_doors and features.has("--no-tcp"):
         argv.append("--no-tcp")  # no door at all: not even the TCP handler
@@ -121,6 +122,24 @@ def pasta_argv(policy: SessionPolicy, inner_argv: list[str], features: PastaFeat
     argv.append("--")
     argv += list(inner_argv)
     return argv
+
+
+def _check_doors(policy: SessionPolicy) -> None:
+    """A door onto agentpen's own sandbox ports would bypass or break them."""
+    own = {policy.proxy_port: "the proxy listener", policy.dns_port: "the DNS responder"}
+    for pub in policy.publish:
+        if pub.sandbox_port in own:
+            raise NetnsSetupError(
+                f"--publish {pub.host_port}:{pub.sandbox_port} would expose "
+                f"{own[pub.sandbox_port]} to the host",
+                "publish the port your own service listens on in the sandbox",
+            )
+    for port in policy.host_ports:
+        if port in own:
+            raise NetnsSetupError(
+                f"--host-port {port} would take the sandbox port of {own[port]}",
+                "reach that host service on another port",
+            )
 
 
 def _check_port(port: Any, what: str) -> None:
