@@ -539,3 +539,68 @@ def test_placeholders_cover_but_leave_nothing(tmp_path: Path) -> None:
     assert rc == 0, err
     assert ".envrc" in out and ".vscode" in out  # covered inside
     assert sorted(p.name for p in proj.iterdir()) == [".git", "README"]  # gone after
+
+
+NESTED_RUNNER = textwrap.dedent("""
+    import json, os, sys
+    from agentpen.core.osutil import capability_sets, drop_all_capabilities
+    from agentpen.core.policy import SessionPolicy
+    from agentpen.workers.jail.launch import exec_jail
+    assert os.getuid() == 0 and capability_sets()["CapEff"] != 0
+    if sys.argv[3] == "dropped":  # a netns worker that dropped everything before the fork
+        drop_all_capabilities()
+    exec_jail(SessionPolicy.from_json(json.loads(sys.argv[1])), status_fd=int(sys.argv[2]))
+""")
+
+
+def test_production_chain_userns_root(tmp_path: Path) -> None:
+    """The real chain: the jail worker is uid 0 in pasta's user+net namespace;
+    exec_jail keeps only CAP_SETFCAP for bwrap (needed to map the user's uid onto
+    uid 0), and the sandbox ends with none. `unshare -rn` stands in for pasta."""
+    home, proj = make_world(tmp_path)
+    pol = make_policy(home, proj, ["/bin/sh", "-c", """
+        id -u; grep -E '^(Seccomp|CapEff):' /proc/self/status
+        echo ok > written && echo WROTE
+        cat ~/.ssh/id_x 2>/dev/null && echo LEAK
+        unshare -U true 2>/dev/null && echo NESTED
+        ls /sys/class/net 2>/dev/null; true
+    """])
+    covers = jail_covers(pol)
+    r, w = os.pipe()
+    try:
+        p = subprocess.run(
+            ["unshare", "-rn", "--", sys.executable, "-c", NESTED_RUNNER,
+             json.dumps(pol.to_json()), str(w), "kept"],
+            pass_fds=(w,), env=host_env(), capture_output=True, text=True, timeout=TIMEOUT,
+        )
+        os.close(w)
+        status = parse_status(os.read(r, 1 << 16))
+    finally:
+        os.close(r)
+        left = remove_placeholders(covers)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.split()
+    assert lines[0] == str(os.getuid())  # the user's own uid inside, as on the host
+    assert "Seccomp:" in p.stdout and "2" in lines and "WROTE" in p.stdout
+    assert "CapEff:\t0000000000000000" in p.stdout
+    assert "LEAK" not in p.stdout and "NESTED" not in p.stdout
+    assert (proj / "written").read_text() == "ok\n"
+    assert (proj / "written").stat().st_uid == os.getuid()
+    assert status[-1].get("exit-code") == 0 and left == []
+
+
+def test_production_chain_fails_closed_without_setfcap(tmp_path: Path) -> None:
+    home, proj = make_world(tmp_path)
+    pol = make_policy(home, proj, ["/bin/true"])
+    r, w = os.pipe()
+    try:
+        p = subprocess.run(
+            ["unshare", "-rn", "--", sys.executable, "-c", NESTED_RUNNER,
+             json.dumps(pol.to_json()), str(w), "dropped"],
+            pass_fds=(w,), env=host_env(), capture_output=True, text=True, timeout=TIMEOUT,
+        )
+    finally:
+        os.close(w)
+        os.close(r)
+    assert p.returncode != 0
+    assert "JailCapsError" in p.stderr and "CAP_SETFCAP" in p.stderr

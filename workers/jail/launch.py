@@ -9,15 +9,18 @@ jail has exited, so the placeholders bwrap creates leave nothing in the project.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import fcntl
 import os
 import signal
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NoReturn
 
-from agentpen.core.osutil import close_fds_except
+from agentpen.core.osutil import capability_sets, close_fds_except, last_cap
 from agentpen.core.policy import SessionPolicy
 from agentpen.workers.jail import seccomp
 from agentpen.workers.jail.bwrap import (
@@ -44,6 +47,12 @@ __all__ = [
 # monitor (and, through --die-with-parent, the sandbox); `env --default-signal`
 # restores them for the command inside.
 BWRAP_IGNORED = (signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
+CAP_SETFCAP = 31
+_PR_GET_SECUREBITS = 27
+_PR_CAPBSET_DROP = 24
+_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
+_SECBIT_NOROOT = 1
+_SYS_CAPSET = {"x86_64": 126, "aarch64": 91}
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
 
 
@@ -94,11 +103,73 @@ def open_data_fd(name: str, data: bytes) -> int:
     return fd
 
 
+class JailCapsError(RuntimeError):
+    """The jail worker lacks what bwrap needs to map the user's uid."""
+
+
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                           ctypes.c_ulong]
+    libc.syscall.restype = ctypes.c_long
+    return libc
+
+
+def keep_only_setfcap() -> None:
+    """For uid 0 in the netns user namespace (the production chain): bwrap maps the
+    user's uid onto our uid 0, and since Linux 5.12 a user namespace may map its
+    parent's uid 0 only if its creator held CAP_SETFCAP (verify_root_map). Keep
+    exactly that capability across the exec of bwrap (uid 0 without
+    SECBIT_NOROOT: the bounding set becomes bwrap's permitted set), nothing else.
+    bwrap's own --cap-drop ALL empties every set of the sandbox. Raises
+    JailCapsError when the capability is already gone: fail closed, say how."""
+    if os.getuid() != 0:
+        return  # an ordinary user: bwrap maps the sandbox uid to our own, no cap needed
+    caps = capability_sets()
+    if not (caps["CapEff"] >> CAP_SETFCAP) & 1 or not (caps["CapBnd"] >> CAP_SETFCAP) & 1:
+        raise JailCapsError(
+            "jail worker is uid 0 without CAP_SETFCAP: bwrap cannot map the user's uid onto "
+            "uid 0 (Linux >= 5.12). Fork the jail worker before dropping every capability "
+            "(exec_jail keeps only CAP_SETFCAP, for bwrap)"
+        )
+    libc = _libc()
+
+    def prctl(*args: int) -> int:
+        res = libc.prctl(*args, *([0] * (5 - len(args))))
+        if res < 0:
+            err = ctypes.get_errno()
+            raise JailCapsError(f"prctl{args}: {os.strerror(err)}")
+        return res
+
+    if prctl(_PR_GET_SECUREBITS) & _SECBIT_NOROOT:
+        raise JailCapsError(
+            "jail worker has SECBIT_NOROOT set: bwrap would start without CAP_SETFCAP "
+            "and fail to map the user's uid; do not lock securebits before exec_jail"
+        )
+    prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL)
+    for cap in range(last_cap() + 1):
+        if cap != CAP_SETFCAP and (caps["CapBnd"] >> cap) & 1:
+            prctl(_PR_CAPBSET_DROP, cap)  # needs CAP_SETPCAP: raises clearly without it
+    nr = _SYS_CAPSET.get(os.uname().machine)
+    if nr is None:
+        raise JailCapsError(f"capset: unsupported architecture {os.uname().machine}")
+    version3 = 0x20080522  # _LINUX_CAPABILITY_VERSION_3: two 32-bit data structs
+    hdr = ctypes.create_string_buffer(struct.pack("Ii", version3, 0))
+    keep = 1 << CAP_SETFCAP
+    data = ctypes.create_string_buffer(struct.pack("IIIIII", keep, keep, 0, 0, 0, 0))
+    if libc.syscall(nr, hdr, data) != 0:
+        raise JailCapsError(f"capset: {os.strerror(ctypes.get_errno())}")
+    left = capability_sets()
+    if left["CapEff"] != keep or left["CapPrm"] != keep or left["CapBnd"] != keep:
+        raise JailCapsError(f"capabilities not reduced to CAP_SETFCAP: {left}")
+
+
 def exec_jail(policy: SessionPolicy, *, status_fd: int, block_fd: int | None = None) -> NoReturn:
     """Exec bwrap with the jail's argv and the policy's (already scrubbed) env.
     Raises (JailError subclasses: ValueError, RuntimeError, OSError) with what failed
     when the jail cannot be set up as promised; never execs a weaker jail."""
     check_env(policy.env)
+    keep_only_setfcap()
     layout = detect_layout()
     covers = jail_covers(policy)
     program = seccomp.build_seccomp_program()
