@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -13,6 +14,8 @@ from agentpen.core.policy import Publish, SessionPolicy
 from agentpen.workers.netns import pasta
 from agentpen.workers.netns.errors import NetnsSetupError
 from agentpen.workers.netns.pasta import PastaLog, parse_help, pasta_argv
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 HELP_2023 = (Path(__file__).parent / "data" / "netns_pasta_2023_help.txt").read_text()
 # A current pasta: --map-host-loopback/--map-guest-addr exist; --no-map-gw is an alias.
@@ -191,3 +194,31 @@ def test_log_scrubs_control_characters():
 def test_doors_onto_agentpens_own_ports_refused(pol):
     with pytest.raises(NetnsSetupError):
         pasta_argv(pol, ["w"], F2023)
+
+
+def test_spawn_missing_binary_fails_closed():
+    with pytest.raises(NetnsSetupError):
+        pasta.spawn_pasta(["/nonexistent/pasta", "--help"])
+
+
+_ports = st.integers(1, 65535).filter(lambda p: p not in (53, 443))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(_ports, _ports), max_size=4), st.lists(_ports, max_size=4),
+       st.booleans())
+def test_argv_property_no_door_beyond_the_policy(pubs, host_ports, new):
+    pol = policy(publish=[Publish(h, s) for h, s in pubs], host_ports=host_ports)
+    argv = pasta_argv(pol, ["/w"], FNEW if new else F2023)
+    head = argv[: argv.index("--")]
+    assert "--config-net" not in head and "auto" not in head
+    tcp = opt_values(head, "--tcp-ports")
+    assert tcp == ([f"127.0.0.1/{h}:{s}" for h, s in pubs] or ["none"])
+    assert opt_values(head, "--tcp-ns") == ([str(p) for p in host_ports] or ["none"])
+    assert opt_values(head, "--udp-ports") == ["none"] == opt_values(head, "--udp-ns")
+    # every option that takes a value is one we know: nothing slipped in
+    known = {"--tcp-ports", "--tcp-ns", "--udp-ports", "--udp-ns", "--map-host-loopback",
+             "--map-guest-addr"}
+    takes_value = [a for a, b in itertools.pairwise(head)
+                   if a.startswith("-") and not b.startswith("-")]
+    assert set(takes_value) <= known
