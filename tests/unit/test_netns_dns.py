@@ -211,3 +211,21 @@ def test_with_the_real_allowlist_matcher():
                           ("wild.example", "refused"), ("example.com", "refused")):
         _, d = answer(DNSRecord.question(name).pack(), match, learn=False)
         assert d.verdict == verdict, name
+
+
+def test_server_bind_failure_fails_closed_without_leaking():
+    import os
+
+    from agentpen.workers.netns.errors import NetnsSetupError
+
+    taken = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    taken.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    taken.bind(("::1", 0))
+    before = set(os.listdir("/proc/self/fd"))
+    try:
+        with pytest.raises(NetnsSetupError) as exc:
+            DnsServer(fake_match, port=taken.getsockname()[1])
+        assert "::1" in exc.value.what
+    finally:
+        taken.close()
+    assert set(os.listdir("/proc/self/fd")) <= before

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agentpen.core.events import make_event
+from agentpen.workers.netns.errors import NetnsSetupError
 from dnslib import AAAA, EDNS0, QTYPE, RCODE, RR, A, DNSError, DNSHeader, DNSRecord, EDNSOption
 from dnslib.buffer import Buffer
 
@@ -216,9 +217,13 @@ class DnsServer:
                 sock.bind((addr, port))
                 sock.setblocking(False)
                 self.socks[sock.fileno()] = sock
-        except OSError:
+        except OSError as exc:
             self.close()
-            raise
+            raise NetnsSetupError(
+                f"could not bind the DNS responder on {addr} port {port}: {exc}",
+                "ports below 1024 need CAP_NET_BIND_SERVICE: create it in the namespace "
+                "pasta made, before dropping capabilities; the port must be free",
+            ) from exc
 
     def fileno_list(self) -> list[int]:
         return list(self.socks)
