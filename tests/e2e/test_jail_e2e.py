@@ -231,10 +231,10 @@ def test_persistence_paths_protected_git_commit_works(tmp_path: Path) -> None:
 
 
 def test_persistence_control_unprotected_path_is_writable(tmp_path: Path) -> None:
-    """Control: lifting a protection ("!.envrc") makes the same write succeed, so
+    """Control: lifting a protection (--unprotect .envrc) makes the same write succeed, so
     the refusal above is the cover's doing, not a broken probe."""
     home, proj = make_world(tmp_path)
-    rc, out, err = sh(home, proj, "echo ok > .envrc && echo WROTE", protect=["!.envrc"])
+    rc, out, err = sh(home, proj, "echo ok > .envrc && echo WROTE", unprotect=[".envrc"])
     assert rc == 0 and "WROTE" in out, err
     assert (proj / ".envrc").read_text() == "ok\n"
 

@@ -281,7 +281,7 @@ def test_protect_list_add_and_lift() -> None:
 
 
 def test_jail_covers_reads_policy_protect(tmp_path: object) -> None:
-    p = policy(project=str(tmp_path), protect=["extra.sh", "!.envrc"])
+    p = policy(project=str(tmp_path), protect=["extra.sh"], unprotect=[".envrc"])
     rels = {c.rel for c in jail_covers(p)}
     assert "extra.sh" in rels and ".envrc" not in rels
 

@@ -65,11 +65,9 @@ class JailPlan:
 
 
 def jail_covers(policy: SessionPolicy) -> list[Cover]:
-    """The persistence covers for this project (reads the project with lstat).
-    `policy.protect` adds paths; an entry "!PATH" lifts a default one."""
-    add = [p for p in policy.protect if not p.startswith("!")]
-    lift = [p[1:] for p in policy.protect if p.startswith("!")]
-    return plan_protection(policy.project, protected_list(add, lift))
+    """The persistence covers for this project (reads the project with lstat):
+    the built-in list plus `policy.protect`, less `policy.unprotect`."""
+    return plan_protection(policy.project, protected_list(policy.protect, policy.unprotect))
 
 
 def _nominal_fds(covers: Sequence[Cover]) -> JailFds:
