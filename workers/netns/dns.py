@@ -212,11 +212,11 @@ class DnsServer:
             for addr in addresses:
                 family = socket.AF_INET6 if ":" in addr else socket.AF_INET
                 sock = socket.socket(family, socket.SOCK_DGRAM)
+                self.socks[sock.fileno()] = sock  # before bind: closed if bind fails
                 if family == socket.AF_INET6:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 sock.bind((addr, port))
                 sock.setblocking(False)
-                self.socks[sock.fileno()] = sock
         except OSError as exc:
             self.close()
             raise NetnsSetupError(
