@@ -7,6 +7,7 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import socket
 import stat
 import struct
@@ -367,3 +368,51 @@ def test_journald_missing_socket_refuses_to_start(tmp_path):
     with pytest.raises(AuditSinkError, match="journald"):
         JournaldSink(str(tmp_path / "nope"))
     assert errno.ENOENT  # the error names the socket, the session does not start
+
+
+_TMPFS_CHILD = textwrap.dedent("""
+    import json, os, sys
+    from agentpen.core.events import make_event
+    from agentpen.supervisor.audit import AuditStream, FileSink
+    d = sys.argv[1]
+    with open(os.path.join(d, "filler"), "wb") as f:
+        f.write(b"f" * 16384)
+    path = os.path.join(d, "audit.jsonl")
+    stream = AuditStream("t", [FileSink(path)], chain=True)
+    stream.emit(make_event("session-started", "s", type=["start"]), sender="supervisor", pid=1)
+    n = 0
+    while stream.healthy and n < 10000:  # until the disk is full
+        n += 1
+        stream.emit(make_event("pasta-message", "y" * 300, type=["info"]), sender="netns", pid=2)
+    for _ in range(5):  # lost while full
+        stream.emit(make_event("pasta-message", "lost", type=["info"]), sender="netns", pid=2)
+    os.unlink(os.path.join(d, "filler"))  # space again
+    stream.emit(make_event("session-ended", "e", type=["end"], event={"duration": 1}),
+                sender="supervisor", pid=1)
+    counters = stream.close()
+    sys.stderr.write(json.dumps(counters) + "\\n")
+    sys.stdout.buffer.write(open(path, "rb").read())
+""")
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="util-linux unshare missing")
+def test_a_real_full_tmpfs_then_space_again(tmp_path):
+    """A 64 KiB tmpfs in a private mount namespace: the stream fills it, is told
+    ENOSPC (possibly mid-line), counts the losses, and records the gap once space is
+    freed; the result verifies."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    unshare = ["unshare", "-m"] if os.geteuid() == 0 else ["unshare", "-rm"]
+    script = 'mount -t tmpfs -o size=64k tmpfs "$1" && exec "$2" -c "$3" "$1"'
+    out = subprocess.run([*unshare, "sh", "-c", script, "sh", str(mnt), sys.executable,
+                          _TMPFS_CHILD], capture_output=True, timeout=60, check=True)
+    counters = json.loads(out.stderr.decode().strip().splitlines()[-1])
+    path = tmp_path / "audit.jsonl"
+    path.write_bytes(out.stdout)
+    recs = lines_of(path)
+    gaps = [r["agentpen"]["gap"] for r in recs if r["event"]["action"] == "audit-gap"]
+    assert len(gaps) == 1 and gaps[0]["lost"] >= 6 and "errno 28" in gaps[0]["error"]
+    assert counters["dropped"] == gaps[0]["lost"] and counters["gaps"] == 1
+    assert recs[-1]["event"]["action"] == "session-ended"
+    assert len(out.stdout) > 40000  # the disk really filled
+    assert verify_chain(str(path)).ok
