@@ -8,7 +8,11 @@ from pathlib import Path
 
 import jsonschema
 from agentpen.supervisor.audit import verify_chain
-from test_audit_support import load_schema
+
+try:  # tests/unit as a package, or as a plain directory on sys.path
+    from .test_audit_support import load_schema
+except ImportError:
+    from test_audit_support import load_schema
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 VALIDATOR = jsonschema.Draft202012Validator(load_schema())

@@ -20,7 +20,11 @@ from pathlib import Path
 
 import pytest
 from agentpen.supervisor.audit import AuditStream, FileSink, default_audit_path
-from test_audit_support import example_events
+
+try:  # tests/unit as a package, or as a plain directory on sys.path
+    from .test_audit_support import example_events
+except ImportError:
+    from test_audit_support import example_events
 
 SIEM = Path(__file__).resolve().parents[2] / "docs" / "siem"
 

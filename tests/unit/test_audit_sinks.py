@@ -29,7 +29,11 @@ from agentpen.supervisor.audit import (
     verify_chain,
 )
 from agentpen.supervisor.audit.sinks import journal_field
-from test_audit_support import example_events
+
+try:  # tests/unit as a package, or as a plain directory on sys.path
+    from .test_audit_support import example_events
+except ImportError:
+    from test_audit_support import example_events
 
 
 def info(n: int) -> dict:

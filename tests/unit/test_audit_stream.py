@@ -11,7 +11,11 @@ import pytest
 from agentpen.core.events import make_event
 from agentpen.supervisor.audit import AuditHalt, AuditStream, build_record, render
 from agentpen.supervisor.audit.ecs import PIPELINE, SCHEMA_VERSION
-from test_audit_support import FakeSink, example_events, load_schema
+
+try:  # tests/unit as a package, or as a plain directory on sys.path
+    from .test_audit_support import FakeSink, example_events, load_schema
+except ImportError:
+    from test_audit_support import FakeSink, example_events, load_schema
 
 VALIDATOR = jsonschema.Draft202012Validator(load_schema())
 
