@@ -12,6 +12,7 @@ directory's file system, since /tmp may be tmpfs elsewhere); fsync figures depen
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -132,10 +133,8 @@ def main(argv: list[str]) -> int:
         def jdrain() -> None:
             server.settimeout(0.2)
             while not stop.is_set():
-                try:
+                with contextlib.suppress(TimeoutError):
                     server.recv(1 << 20)
-                except TimeoutError:
-                    pass
         t = threading.Thread(target=jdrain, daemon=True)
         t.start()
         out["journald socket (fake reader), /s"] = stream_rate(lambda: [JournaldSink(jpath)], n)
