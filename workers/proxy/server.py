@@ -27,12 +27,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import uvloop  # imported here so a supervisor that imports this module forks warm workers
 from agentpen.core import osutil
 from agentpen.core.channel import PROTOCOL_VERSION, Channel, Message, MsgType, ProtocolError, encode
 from agentpen.core.events import make_event
 from agentpen.core.policy import SessionPolicy
 from agentpen.workers.proxy.allowlist import Allowlist
 from agentpen.workers.proxy.clienthello import ClientHello, ClientHelloError, ClientHelloParser
+from agentpen.workers.proxy.confine import confine
 from agentpen.workers.proxy.names import canonical_host
 from agentpen.workers.proxy.vetting import vet
 
@@ -72,8 +74,6 @@ def proxy_main(channel_fd: int, listen_fds: list[int], policy_json: dict, incarn
     osutil.set_pdeathsig(signal.SIGKILL, expected_parent=parent_pid)
     # Ctrl-C reaches the whole foreground group; the supervisor decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    import uvloop
-    from agentpen.workers.proxy.confine import confine
 
     channel = Channel.from_fd(channel_fd)
     try:
