@@ -124,3 +124,28 @@ def reset_signals_for_exec() -> None:
     for sig in (signal.SIGPIPE, signal.SIGXFSZ):
         signal.signal(sig, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
+CLONE_NEWUSER = 0x10000000
+_libc.unshare.argtypes = [ctypes.c_int]
+
+
+def enter_own_user_namespace(uid: int, gid: int) -> None:
+    """unshare(CLONE_NEWUSER) and map `uid`/`gid` inside to our current ids outside.
+
+    The netns worker runs as root of pasta's user namespace. Before it drops its
+    capabilities it moves into a child namespace where it is the user's own uid:
+    bwrap (unprivileged, non-root) can then map that uid into the sandbox; as root it
+    could not, since mapping a parent's uid 0 needs CAP_SETFCAP (Linux >= 5.12). The
+    child namespace also holds no capability over the network namespace, which stays
+    owned by pasta's. Must be called single-threaded."""
+    outer_uid, outer_gid = os.geteuid(), os.getegid()
+    if _libc.unshare(CLONE_NEWUSER) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"unshare(CLONE_NEWUSER): {os.strerror(err)}")
+    with open("/proc/self/setgroups", "w") as f:
+        f.write("deny")
+    with open("/proc/self/uid_map", "w") as f:
+        f.write(f"{uid} {outer_uid} 1\n")
+    with open("/proc/self/gid_map", "w") as f:
+        f.write(f"{gid} {outer_gid} 1\n")

@@ -104,7 +104,7 @@ def resolve_policy(opts: Options, env: Mapping[str, str], *, cwd: str | None = N
             raise UsageError(f"--agent {opts.agent}: unknown agent (known: {known})")
         agent = opts.agent
     else:
-        agent = agent_registry.agent_for_command(os.path.basename(command_name))
+        agent = agent_registry.agent_for_command(os.path.basename(command_name), registry)
     spec = registry.get(agent) if agent else None
 
     # -- allowlist ---------------------------------------------------------------
@@ -160,11 +160,12 @@ def resolve_policy(opts: Options, env: Mapping[str, str], *, cwd: str | None = N
     for m in resolved.mounts:
         add_mount(m.path, m.mode, m.why or "the command's installation")
     if spec:
-        for cm in spec.config_mounts:
-            p = os.path.expanduser(cm.path.replace("~", home, 1) if cm.path.startswith("~") else cm.path)
-            if cm.mode == "rw" and cm.create_dir and not os.path.exists(p):
-                os.makedirs(p, mode=0o700, exist_ok=True)
-            add_mount(p, cm.mode, f"{agent} configuration", must_exist=False)
+        for cm in spec.home_mounts(home):
+            # An agent's state directory must persist across runs: create it (0700) the
+            # first time rather than let the agent write into the throwaway tmpfs home.
+            if cm.mode == "rw" and not os.path.lexists(cm.path):
+                _create_state_path(cm.path)
+            add_mount(cm.path, cm.mode, cm.why or f"{agent} configuration", must_exist=False)
     for path in opts.mount:
         add_mount(path, "ro", "--mount")
     for path in opts.mount_rw:
@@ -219,3 +220,15 @@ def resolve_policy(opts: Options, env: Mapping[str, str], *, cwd: str | None = N
         runtime_paths=runtime_paths,
     )
 
+
+
+def _create_state_path(path: str) -> None:
+    """A missing rw agent path: a directory (0700), or for a *.json file an empty JSON
+    object (0600) so the agent parses it; other files are left to the agent (unmounted)."""
+    if path.endswith(".json"):
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("{}\n")
+    elif not os.path.splitext(os.path.basename(path))[1]:
+        os.makedirs(path, mode=0o700, exist_ok=True)

@@ -72,7 +72,8 @@ def setup(ch: Channel, policy: SessionPolicy):
 
         t = time.monotonic()
         net_state = verify.verify_closed_namespace()
-        _step(ch, "netns-verified", "namespace verified: nothing but loopback", t, network=net_state)
+        _step(ch, "netns-verified", "namespace verified: nothing but loopback", t,
+              network=net_state)
 
         t = time.monotonic()
         socks = listeners.create_proxy_listeners(port=policy.proxy_port)
@@ -89,6 +90,9 @@ def setup(ch: Channel, policy: SessionPolicy):
         s.close()
 
     t = time.monotonic()
+    # Leave root of pasta's namespace for the user's own uid in a child namespace
+    # (see osutil.enter_own_user_namespace), then drop every capability for good.
+    osutil.enter_own_user_namespace(policy.uid, policy.gid)
     osutil.drop_all_capabilities()
     caps = osutil.capability_sets()
     if any(caps.get(k, 1) for k in ("CapEff", "CapPrm", "CapInh", "CapBnd", "CapAmb")):

@@ -1,0 +1,5 @@
+import sys
+
+from agentpen.supervisor.cli import main
+
+sys.exit(main())

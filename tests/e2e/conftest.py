@@ -1,0 +1,109 @@
+"""End-to-end harness: the real agentpen, bwrap, pasta and nft, as an unprivileged user.
+
+Nothing here is mocked. A missing tool or a root user is a failure, not a skip: a
+test that does not run proves nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+AGENTPEN = [sys.executable, "-m", "agentpen.supervisor"]
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "/e2e/" in str(item.fspath) or "/adversarial/" in str(item.fspath):
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(autouse=True)
+def _unprivileged_with_tools(request):
+    if "e2e" not in request.keywords:
+        return
+    if os.geteuid() == 0:
+        pytest.fail("end-to-end tests must run as an unprivileged user (pasta refuses root); "
+                    "see README: run the test command as your normal user, or .ci/run as root")
+    missing = [t for t in ("bwrap", "pasta", "nft") if not (
+        shutil.which(t) or shutil.which(t, path="/usr/sbin:/sbin"))]
+    if missing:
+        pytest.fail(f"missing tools for end-to-end tests: {missing} (apt-get install bubblewrap passt nftables)")
+
+
+@dataclass
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
+    audit_path: Path
+
+    def audit(self) -> list[dict]:
+        if not self.audit_path.exists():
+            return []
+        return [json.loads(line) for line in self.audit_path.read_text().splitlines() if line]
+
+    def actions(self) -> list[str]:
+        return [e.get("event", {}).get("action") for e in self.audit()]
+
+
+@dataclass
+class Sandbox:
+    """A fake user home with secrets, a project inside it and a sibling repository."""
+
+    root: Path
+    home: Path
+    project: Path
+    sibling: Path
+    state: Path
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {
+            "HOME": str(self.home),
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "LANG": "C.UTF-8",
+            "XDG_STATE_HOME": str(self.state),
+            "SECRET_HOST_TOKEN": "host-secret-do-not-leak",
+            "SSH_AUTH_SOCK": str(self.root / "ssh-agent.sock"),
+        }
+        env.update(extra)
+        return env
+
+    def run(self, *args: str, timeout: float = 60, env: dict | None = None, audit: str | None = None,
+            stdin=subprocess.DEVNULL, cwd: Path | None = None) -> Run:
+        audit_path = Path(audit) if audit else self.root / f"audit-{os.urandom(4).hex()}.jsonl"
+        argv = [*AGENTPEN, "--log-format", "json", "--audit-log", str(audit_path), *args]
+        p = subprocess.run(argv, cwd=cwd or self.project, env=env or self.env(), capture_output=True,
+                           text=True, timeout=timeout, stdin=stdin)
+        return Run(p.returncode, p.stdout, p.stderr, audit_path)
+
+
+@pytest.fixture
+def sandbox(tmp_path: Path) -> Sandbox:
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "id_ed25519").write_text("-----BEGIN OPENSSH PRIVATE KEY----- secret\n")
+    (home / ".aws").mkdir()
+    (home / ".aws" / "credentials").write_text("[default]\naws_secret_access_key=SECRET\n")
+    (home / ".bashrc").write_text("# original rc\n")
+    project = home / "src" / "project"
+    project.mkdir(parents=True)
+    (project / "README").write_text("project file\n")
+    sibling = home / "src" / "sibling"
+    sibling.mkdir()
+    (sibling / "private.txt").write_text("sibling secret\n")
+    state = tmp_path / "state"
+    return Sandbox(tmp_path, home, project, sibling, state)
+
+
+def leftover_processes(marker: str) -> list[str]:
+    """Processes of this user whose command line mentions marker."""
+    out = subprocess.run(["ps", "-u", str(os.getuid()), "-o", "pid=,args="], capture_output=True,
+                         text=True, check=False).stdout
+    return [line for line in out.splitlines() if marker in line and "ps -u" not in line]

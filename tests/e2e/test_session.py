@@ -1,0 +1,112 @@
+"""Issue 2: a confined command through all three workers, end to end."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+from .conftest import AGENTPEN, leftover_processes
+
+
+def test_confined_command_runs_through_all_three_workers(sandbox):
+    r = sandbox.run("--", "sh", "-c", "id -u; ls -A ~; echo hi")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.split()
+    assert lines[0] == str(os.getuid())  # the user's own uid inside
+    assert lines[-1] == "hi"
+    assert ".ssh" not in r.stdout and ".aws" not in r.stdout  # empty home
+    actions = r.actions()
+    for needed in ("session-started", "sandbox-network-verified", "command-started", "session-ended"):
+        assert needed in actions, actions
+    workers = {e.get("agentpen", {}).get("worker") for e in r.audit()}
+    assert {"pasta", "proxy", "jail"} <= workers, workers
+    setup_senders = {e.get("agentpen", {}).get("worker") for e in r.audit()
+                     if e["event"]["action"] == "setup-step"}
+    assert setup_senders == {"netns"}, setup_senders
+
+
+def test_exit_status_is_the_commands_own(sandbox):
+    assert sandbox.run("--", "sh", "-c", "exit 7").returncode == 7
+
+
+def test_death_by_signal_is_128_plus_n(sandbox):
+    assert sandbox.run("--", "sh", "-c", "kill -TERM $$").returncode == 128 + signal.SIGTERM
+
+
+def test_command_not_found_is_127_and_not_executable_126(sandbox):
+    r = sandbox.run("--", "definitely-not-a-command-xyz")
+    assert r.returncode == 127, r.stderr
+    assert "definitely-not-a-command-xyz" in r.stderr and "Traceback" not in r.stderr
+    script = sandbox.project / "not-exec.sh"
+    script.write_text("#!/bin/sh\necho no\n")
+    script.chmod(0o644)
+    r = sandbox.run("--", str(script))
+    assert r.returncode == 126, r.stderr
+
+
+def test_bad_input_is_125_with_one_line(sandbox):
+    for args in (["--allow", "127.0.0.1", "true"], ["--allow", "localhost", "true"],
+                 ["--upstream", "x.example=1.2.3.4", "true"], ["--agent", "nope", "true"],
+                 ["--project", str(sandbox.root / "missing"), "true"]):
+        r = sandbox.run(*args)
+        assert r.returncode == 125, (args, r.stderr)
+        assert "Traceback" not in r.stderr
+        assert r.stderr.strip(), args
+
+
+def test_project_may_not_be_home_or_root(sandbox):
+    assert sandbox.run("--project", str(sandbox.home), "true").returncode == 125
+    assert sandbox.run("--project", "/", "true").returncode == 125
+
+
+def test_sigterm_to_agentpen_reaches_the_command(sandbox):
+    marker = f"agentpen-e2e-{os.getpid()}-{time.monotonic_ns()}"
+    ready = sandbox.project / "ready"
+    audit = sandbox.root / "sig.jsonl"
+    script = f"trap 'echo got-term; exit 42' TERM; touch {ready}; while :; do sleep 0.05; done # {marker}"
+    p = subprocess.Popen([*AGENTPEN, "--audit-log", str(audit), "--", "sh", "-c", script],
+                         cwd=sandbox.project, env=sandbox.env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not ready.exists():
+        assert time.monotonic() < deadline, "command never started"
+        assert p.poll() is None, p.stderr.read()
+        time.sleep(0.02)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 42, err
+    assert "got-term" in out
+    assert not leftover_processes(marker)
+
+
+def test_supervisor_sigkill_leaves_nothing_behind(sandbox):
+    marker = f"agentpen-kill9-{os.getpid()}-{time.monotonic_ns()}"
+    ready = sandbox.project / "ready"
+    script = f"touch {ready}; while :; do sleep 0.05; done # {marker}"
+    audit = sandbox.root / "k.jsonl"
+    p = subprocess.Popen([*AGENTPEN, "--audit-log", str(audit), "--", "sh", "-c",
+                          script], cwd=sandbox.project, env=sandbox.env(),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while not ready.exists():
+        assert time.monotonic() < deadline and p.poll() is None
+        time.sleep(0.02)
+    before = leftover_processes(marker)
+    assert before, "positive control: the probe sees the running command"
+    worker_pids = [e["process"]["pid"] for e in _lines(audit)
+                   if e["event"]["action"] in ("worker-started", "worker-restarted")]
+    assert worker_pids and all(os.path.exists(f"/proc/{pid}") for pid in worker_pids)
+    p.kill()
+    p.wait(10)
+    deadline = time.monotonic() + 10
+    while leftover_processes(marker) or any(os.path.exists(f"/proc/{pid}") for pid in worker_pids):
+        assert time.monotonic() < deadline, (leftover_processes(marker), worker_pids)
+        time.sleep(0.05)
+
+
+def _lines(path):
+    import json
+
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
