@@ -9,6 +9,7 @@ import array
 import errno
 import os
 import re
+import select
 import signal
 import socket
 import stat
@@ -20,6 +21,7 @@ JOURNAL_SOCKET = "/run/systemd/journal/socket"
 _SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _SYSLOG_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
 ROTATION_CHECK_S = 1.0
+FD_STALL_TIMEOUT_S = 2.0  # the longest the supervisor waits for a --audit-fd reader
 
 
 class AuditSinkError(Exception):
@@ -69,9 +71,14 @@ class _FdWriter(Sink):
             # loudly, and the audit-gap record that follows says what was lost).
             data = b"\n" + line
         done = 0
+        deadline: float | None = None
         try:
             while done < len(data):
-                done += os.write(self.fd, data[done:] if done else data)
+                try:
+                    done += os.write(self.fd, data[done:] if done else data)
+                except BlockingIOError:
+                    deadline = self._wait_writable(deadline)
+                    continue
                 if done < len(data) and self.regular:
                     # A short write to a regular file means the disk is full.
                     raise OSError(errno.ENOSPC, "short write")
@@ -80,6 +87,26 @@ class _FdWriter(Sink):
                 self._untear(done, data)
             raise
         self.partial = False
+        self.stalled = False
+
+    stall_timeout = 0.0
+    stalled = False
+
+    def _wait_writable(self, deadline: float | None) -> float:
+        """A full pipe: wait for the reader, but only so long (a stalled reader must
+        not freeze the supervisor); once it has stalled, later writes do not wait
+        until one gets through."""
+        now = time.monotonic()
+        if deadline is None:
+            deadline = now + (0.0 if self.stalled else self.stall_timeout)
+        remaining = deadline - now
+        if remaining > 0:
+            poller = select.poll()
+            poller.register(self.fd, select.POLLOUT)
+            if poller.poll(remaining * 1000):
+                return deadline
+        self.stalled = True
+        raise OSError(errno.ETIMEDOUT, f"reader stalled for {self.stall_timeout:g} s")
 
     def _untear(self, written: int, data: bytes) -> None:
         """Remove the partial line we just appended, if it is still the file's tail."""
@@ -224,6 +251,11 @@ class FdSink(_FdWriter):
         self.needs_sync = self.regular
         if self.regular and not mode & os.O_APPEND:
             _fcntl_setfl(fd, mode | os.O_APPEND)
+        if stat.S_ISFIFO(st.st_mode) or stat.S_ISSOCK(st.st_mode):
+            # Non-blocking, so a reader that stops reading costs at most
+            # stall_timeout per outage rather than the whole session loop.
+            _fcntl_setfl(fd, _fcntl_getfl(fd) | os.O_NONBLOCK)
+            self.stall_timeout = FD_STALL_TIMEOUT_S
         os.set_inheritable(fd, False)  # never into a worker or the sandbox
         # A vanished reader must be an EPIPE we count, not a SIGPIPE that kills the
         # supervisor (Python ignores SIGPIPE, but an embedding program may not).
@@ -285,6 +317,7 @@ class JournaldSink(Sink):
     ``sync`` is journald's business (it syncs on its own schedule)."""
 
     needs_sync = False
+    stalled = False
 
     def __init__(self, path: str = JOURNAL_SOCKET) -> None:
         self.path = path
@@ -311,12 +344,20 @@ class JournaldSink(Sink):
             self._connect()
         assert self.sock is not None
         data = journal_datagram(line, record)
+        # journald's queue full: wait so long, then fail (and not wait again until a
+        # datagram gets through), as for a stalled --audit-fd reader.
+        self.sock.settimeout(0.0 if self.stalled else FD_STALL_TIMEOUT_S)
         try:
-            self.sock.send(data)
-        except OSError as exc:
-            if exc.errno not in (errno.EMSGSIZE, errno.ENOBUFS):
-                raise
-            self._send_memfd(data)
+            try:
+                self.sock.send(data)
+            except OSError as exc:
+                if exc.errno not in (errno.EMSGSIZE, errno.ENOBUFS):
+                    raise
+                self._send_memfd(data)
+        except (TimeoutError, BlockingIOError) as exc:
+            self.stalled = True
+            raise OSError(errno.ETIMEDOUT, "journald is not reading") from exc
+        self.stalled = False
 
     def _send_memfd(self, data: bytes) -> None:
         import fcntl

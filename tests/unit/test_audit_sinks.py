@@ -3,6 +3,7 @@ journald socket (supervisor/audit/sinks.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -14,6 +15,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 from agentpen.core.events import make_event
@@ -27,6 +29,7 @@ from agentpen.supervisor.audit import (
     open_sinks,
     sink_paths,
     verify_chain,
+    verify_lines,
 )
 from agentpen.supervisor.audit.sinks import journal_field
 
@@ -420,3 +423,74 @@ def test_a_real_full_tmpfs_then_space_again(tmp_path):
     assert recs[-1]["event"]["action"] == "session-ended"
     assert len(out.stdout) > 40000  # the disk really filled
     assert verify_chain(str(path)).ok
+
+
+def test_a_stalled_fd_reader_costs_a_bounded_wait_once_then_recovers():
+    r, w = os.pipe()
+    sink = FdSink(w)
+    assert fcntl.fcntl(w, fcntl.F_GETFL) & os.O_NONBLOCK
+    sink.stall_timeout = 0.3
+    stream = AuditStream("s", [sink])
+    durations = []
+    while stream.healthy:  # the reader never reads: the pipe fills up
+        t0 = time.monotonic()
+        stream.emit(info(len(durations)), sender="supervisor", pid=None)
+        durations.append(time.monotonic() - t0)
+        assert len(durations) < 10000
+    assert 0.3 <= durations[-1] < 2.0  # waited, boundedly
+    for n in range(3):  # stalled: later events do not wait again
+        t0 = time.monotonic()
+        stream.emit(info(n), sender="supervisor", pid=None)
+        assert time.monotonic() - t0 < 0.2
+    lost = stream.counters["dropped"]
+    assert lost == 4
+    os.set_blocking(r, False)
+
+    def drain() -> bytes:
+        out = b""
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(r, 1 << 16):
+                out += chunk
+        return out
+
+    got = drain()  # the reader wakes up
+    stream.emit(info(99), sender="supervisor", pid=None)
+    assert stream.healthy
+    tail = drain().split(b"\n")[:-1]
+    gap = json.loads(tail[0])
+    assert gap["event"]["action"] == "audit-gap" and gap["agentpen"]["gap"]["lost"] == 4
+    assert "stalled" in gap["agentpen"]["gap"]["error"]
+    lines = got.split(b"\n")[:-1] + tail
+    assert verify_lines(lines, partial=True).ok  # gap-free but for the declared gap
+    stream.close()
+    os.close(r)
+
+
+def test_journald_that_stops_reading_is_a_bounded_wait_then_a_gap(journal, monkeypatch):
+    from agentpen.supervisor.audit import sinks
+
+    monkeypatch.setattr(sinks, "FD_STALL_TIMEOUT_S", 0.3)
+    path, server = journal
+    stream = AuditStream("s", [JournaldSink(path)])
+    n = 0
+    while stream.healthy:  # journald's queue fills up
+        n += 1
+        t0 = time.monotonic()
+        stream.emit(info(n), sender="supervisor", pid=None)
+        assert time.monotonic() - t0 < 2.0 and n < 100000
+    t0 = time.monotonic()
+    stream.emit(info(0), sender="supervisor", pid=None)  # stalled: no second wait
+    assert time.monotonic() - t0 < 0.2
+    received = []
+    server.setblocking(False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            received.append(parse_native(server.recv(1 << 20)))
+    stream.emit(info(-1), sender="supervisor", pid=None)
+    assert stream.healthy
+    server.setblocking(True)
+    gap = recv_journal(server)
+    assert gap["AGENTPEN_ACTION"] == b"audit-gap"
+    assert json.loads(gap["AGENTPEN_ECS"])["agentpen"]["gap"]["lost"] == 2
+    assert [int(f["AGENTPEN_SEQUENCE"]) for f in received] == list(range(1, len(received) + 1))
+    stream.close()
