@@ -494,3 +494,25 @@ def test_journald_that_stops_reading_is_a_bounded_wait_then_a_gap(journal, monke
     assert json.loads(gap["AGENTPEN_ECS"])["agentpen"]["gap"]["lost"] == 2
     assert [int(f["AGENTPEN_SEQUENCE"]) for f in received] == list(range(1, len(received) + 1))
     stream.close()
+
+
+def test_a_line_torn_in_a_pipe_is_ended_before_the_next_record():
+    r, w = os.pipe()
+    fcntl.fcntl(w, 1031, 4096)  # F_SETPIPE_SZ: a one-page pipe
+    sink = FdSink(w)
+    sink.stall_timeout = 0.1
+    stream = AuditStream("s", [sink])
+    big = make_event("session-started", "s", type=["start"], process={"args": ["a" * 10000]})
+    stream.emit(big, sender="supervisor", pid=None)  # 4 KiB go out, then the reader stalls
+    assert not stream.healthy
+    os.set_blocking(r, False)
+    torn = os.read(r, 1 << 16)
+    assert 0 < len(torn) < 10000 and b"\n" not in torn
+    stream.emit(info(2), sender="supervisor", pid=None)
+    assert stream.healthy
+    rest = os.read(r, 1 << 16)
+    assert rest.startswith(b"\n")  # the torn line is ended, not glued to the next one
+    gap, ev = (json.loads(x) for x in rest[1:].split(b"\n")[:-1])
+    assert gap["agentpen"]["gap"]["first"] == 1 and ev["event"]["sequence"] == 3
+    stream.close()
+    os.close(r)
