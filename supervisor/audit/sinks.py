@@ -414,9 +414,12 @@ def _make_parents(path: str, *, tighten: bool = False) -> None:
 
 
 def default_audit_dir(state_dir: str | None = None) -> str:
-    """$XDG_STATE_HOME/agentpen/audit (~/.local/state when unset or not absolute);
-    `state_dir` stands in for $XDG_STATE_HOME."""
-    base = state_dir or os.environ.get("XDG_STATE_HOME") or ""
+    """`state_dir`/audit, where `state_dir` is agentpen's state directory (the
+    supervisor's resolve.state_dir: $XDG_STATE_HOME/agentpen); without it,
+    $XDG_STATE_HOME/agentpen/audit (~/.local/state when unset or not absolute)."""
+    if state_dir:
+        return os.path.join(os.path.abspath(state_dir), "audit")
+    base = os.environ.get("XDG_STATE_HOME") or ""
     if not os.path.isabs(base):
         base = os.path.join(os.path.expanduser("~"), ".local", "state")
     return os.path.join(base, "agentpen", "audit")

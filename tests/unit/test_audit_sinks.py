@@ -72,8 +72,8 @@ def test_default_file_is_per_session_0600_under_0700_dirs(tmp_path, monkeypatch)
     assert not os.get_inheritable(sink.fd)
     assert sink_paths(sinks) == [os.path.realpath(sink.path)]
     sink.close()
-    # state_dir stands in for $XDG_STATE_HOME; a relative XDG_STATE_HOME is ignored.
-    assert default_audit_path("x", str(tmp_path)).startswith(str(tmp_path / "agentpen/audit/"))
+    # state_dir is agentpen's own state directory; a relative XDG_STATE_HOME is ignored.
+    assert default_audit_path("x", str(tmp_path / "ap")).startswith(str(tmp_path / "ap/audit/"))
     monkeypatch.setenv("XDG_STATE_HOME", "relative")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert default_audit_path("x").startswith(str(tmp_path / "home/.local/state/agentpen/audit/"))
@@ -516,3 +516,11 @@ def test_a_line_torn_in_a_pipe_is_ended_before_the_next_record():
     assert gap["agentpen"]["gap"]["first"] == 1 and ev["event"]["sequence"] == 3
     stream.close()
     os.close(r)
+
+
+def test_state_dir_is_agentpens_own_state_directory(tmp_path):
+    state = tmp_path / "state" / "agentpen"  # as supervisor.resolve.state_dir returns it
+    (sink,) = open_sinks(None, None, session_id="sid", state_dir=str(state))
+    sink.close()
+    assert os.path.dirname(sink.path) == str(state / "audit")
+    assert stat.S_IMODE((state / "audit").stat().st_mode) == 0o700
