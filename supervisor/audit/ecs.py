@@ -156,6 +156,10 @@ def check_types(_logger: Any, _name: str, ed: EventDict) -> EventDict:
             _reject(ed, f"event.{key}", event.pop(key))
     if "outcome" in event and not _valid_enum(event["outcome"], EVENT_OUTCOMES):
         _reject(ed, "event.outcome", event.pop("outcome"))
+    if ("denied" in event.get("type", ()) and "outcome" in event
+            and event["outcome"] != "success"):
+        # ECS: a block is the control succeeding; another outcome is kept aside.
+        _reject(ed, "event.outcome", event.pop("outcome"))
     for key in ("reason", "provider", "module", "dataset", "original", "code"):
         if key in event and not isinstance(event[key], str):
             _reject(ed, f"event.{key}", event.pop(key))

@@ -356,3 +356,12 @@ def test_importing_the_package_does_not_import_structlog():
             "assert 'structlog' not in sys.modules and 'hashlib' not in sys.modules, 'heavy'; "
             "a.AuditStream('s', [a.FileSink('/dev/null')]).emit({'action':'x'}, sender='s', pid=1)")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
+
+
+def test_a_denial_with_another_outcome_is_kept_aside_so_the_line_stays_valid():
+    body = make_event("dns-refused", "refused", category=["network"], type=["denied"],
+                      outcome="failure", dns={"question": {"name": "x.example"}})
+    rec = build_record(body, session_id="s", sequence=1, sender="netns", pid=3)
+    VALIDATOR.validate(rec)
+    assert "outcome" not in rec["event"]
+    assert rec["agentpen"]["rejected"] == {"event.outcome": "failure"}
