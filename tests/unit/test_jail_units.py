@@ -432,3 +432,31 @@ def test_registry_user_extension_and_validation() -> None:
         load_registry({"bad": {"hosts": "not-a-list"}})
     with pytest.raises(RegistryError):
         load_registry({"bad": {"mounts": [{"path": "~/", "mode": "rw"}]}})
+
+
+def test_detect_layout_reads_etc_and_system_dirs(tmp_path: object) -> None:
+    from agentpen.workers.jail.layout import detect_layout
+
+    etc = tmp_path / "etc"  # type: ignore[operator]
+    etc.mkdir()
+    (etc / "passwd").write_text("u:x:1000:1000::/home/u:/bin/sh\n")
+    (etc / "hosts").write_text("10.0.0.1 internal.corp\n")  # replaced by staged data
+    (etc / "resolv.conf").symlink_to("/run/systemd/resolve/stub-resolv.conf")
+    (etc / "nsswitch.conf").write_text("hosts: files resolve dns\n")
+    (etc / "mtab").symlink_to("../proc/self/mounts")
+    (etc / "ssl").mkdir()
+    secret = etc / "shadow"
+    secret.write_text("root:*:1::::::\n")
+    secret.chmod(0)
+    lay = detect_layout(str(etc))
+    names = {e.name: e.symlink for e in lay.etc}
+    assert names["passwd"] is None and names["ssl"] is None
+    assert names["mtab"] == "../proc/self/mounts"
+    assert not {"hosts", "resolv.conf", "nsswitch.conf"} & set(names)
+    # root reads everything: only an ordinary user has the unreadable file left out
+    assert ("shadow" in names) == (os.getuid() == 0)
+    assert lay.nsswitch == "hosts: files resolve dns\n"
+    assert os.path.isabs(lay.bwrap) and lay.env_binary.endswith("/env")
+    if os.path.islink("/bin"):  # this host: merged /usr
+        assert lay.kind == "fhs-merged-usr" and (os.readlink("/bin"), "/bin") in lay.symlinks
+    assert "/usr" in lay.ro_dirs

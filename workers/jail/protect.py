@@ -159,6 +159,8 @@ def remove_placeholders(covers: Iterable[Cover]) -> list[str]:
                 os.unlink(c.path)  # bwrap's mount point: created empty, never written
             else:
                 left.append(c.path)
+        except FileNotFoundError:
+            continue  # removed meanwhile (a second cleanup path): done
         except OSError:
             left.append(c.path)
     return left
