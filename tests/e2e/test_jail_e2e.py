@@ -22,6 +22,7 @@ import textwrap
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from agentpen.core.policy import Mount, SessionPolicy
@@ -66,7 +67,7 @@ def make_world(tmp_path: Path) -> tuple[Path, Path]:
     return home, proj
 
 
-def make_policy(home: Path, proj: Path, argv: list[str], **kw: object) -> SessionPolicy:
+def make_policy(home: Path, proj: Path, argv: list[str], **kw: Any) -> SessionPolicy:
     ident = {"home": str(home), "user": "aptest", "shell": "/bin/sh"}
     env = scrub_env(host_env(), **ident, path_dirs=[],
                     passthrough=["ANTHROPIC_API_KEY", "SSH_AUTH_SOCK"])
@@ -74,7 +75,7 @@ def make_policy(home: Path, proj: Path, argv: list[str], **kw: object) -> Sessio
         session_id="e2e", profile="untrusted", agent=None, project=str(proj),
         command=argv, command_name=os.path.basename(argv[0]), allow=[], env=env,
         uid=os.getuid(), gid=os.getgid(), user="aptest", home=str(home),
-        runtime_paths=[str(home.parent / "runtime")], **kw,  # type: ignore[arg-type]
+        runtime_paths=[str(home.parent / "runtime")], **kw,
     )
 
 
@@ -109,7 +110,7 @@ def run_jail(policy: SessionPolicy, stdin: bytes = b"") -> tuple[int, str, str, 
     return p.returncode, out.decode(), err.decode(), status
 
 
-def sh(policy_home: Path, proj: Path, script: str, **kw: object) -> tuple[int, str, str]:
+def sh(policy_home: Path, proj: Path, script: str, **kw: Any) -> tuple[int, str, str]:
     rc, out, err, _ = run_jail(make_policy(policy_home, proj, ["/bin/sh", "-c", script], **kw))
     return rc, out, err
 

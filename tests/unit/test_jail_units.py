@@ -6,6 +6,8 @@ from __future__ import annotations
 import errno
 import os
 import struct
+from pathlib import Path
+from typing import Any
 
 import pytest
 from agentpen.core.policy import Mount, SessionPolicy
@@ -38,15 +40,15 @@ LAYOUT = HostLayout(
 FDS = JailFds(seccomp=10, json_status=11, hosts=12, resolv=13, nsswitch=14, empty=(15,))
 
 
-def policy(**kw: object) -> SessionPolicy:
-    base: dict[str, object] = dict(
+def policy(**kw: Any) -> SessionPolicy:
+    base: dict[str, Any] = dict(
         session_id="s1", profile="untrusted", agent="claude", project="/home/u/src/repo",
         command=["/usr/bin/true", "--x"], command_name="true", allow=[],
         env={"PATH": "/usr/bin", "HOME": "/home/u"}, uid=1000, gid=1000, user="u",
         home="/home/u", runtime_paths=["/run/user/1000/agentpen"],
     )
     base.update(kw)
-    return SessionPolicy(**base)  # type: ignore[arg-type]
+    return SessionPolicy(**base)
 
 
 def pairs(argv: list[str], opt: str) -> list[tuple[str, str]]:
@@ -236,7 +238,7 @@ def test_build_jail_plan_is_pure_and_refuses_host_handles() -> None:
 # -- protection plan ---------------------------------------------------------------
 
 
-def test_protect_plan_existing_missing_and_pins(tmp_path: object) -> None:
+def test_protect_plan_existing_missing_and_pins(tmp_path: Path) -> None:
     proj = str(tmp_path)
     os.makedirs(f"{proj}/.git/hooks")
     open(f"{proj}/.git/config", "w").close()
@@ -254,7 +256,7 @@ def test_protect_plan_existing_missing_and_pins(tmp_path: object) -> None:
     assert order[0].kind == "pin"
 
 
-def test_protect_plan_first_missing_component_and_gitfile(tmp_path: object) -> None:
+def test_protect_plan_first_missing_component_and_gitfile(tmp_path: Path) -> None:
     proj = str(tmp_path)
     covers = plan_protection(proj, [".git/hooks/", ".git/config", "a/b/c.txt"])
     kinds = {c.path[len(proj) + 1 :]: c.kind for c in covers}
@@ -264,7 +266,7 @@ def test_protect_plan_first_missing_component_and_gitfile(tmp_path: object) -> N
     assert kinds == {".git": "ro-bind"}
 
 
-def test_protect_refuses_symlinks_and_escapes(tmp_path: object) -> None:
+def test_protect_refuses_symlinks_and_escapes(tmp_path: Path) -> None:
     proj = str(tmp_path)
     os.symlink("/tmp", f"{proj}/.vscode")
     with pytest.raises(ProtectError, match="symlink"):
@@ -280,18 +282,18 @@ def test_protect_list_add_and_lift() -> None:
     assert ".claude/" in DEFAULT_PROTECTED and ".mcp.json" in DEFAULT_PROTECTED
 
 
-def test_jail_covers_reads_policy_protect(tmp_path: object) -> None:
+def test_jail_covers_reads_policy_protect(tmp_path: Path) -> None:
     p = policy(project=str(tmp_path), protect=["extra.sh"], unprotect=[".envrc"])
     rels = {c.rel for c in jail_covers(p)}
     assert "extra.sh" in rels and ".envrc" not in rels
 
 
-def test_remove_placeholders_keeps_content(tmp_path: object) -> None:
-    d = tmp_path / "ph"  # type: ignore[operator]
+def test_remove_placeholders_keeps_content(tmp_path: Path) -> None:
+    d = tmp_path / "ph"
     d.mkdir()
-    f = tmp_path / "f.json"  # type: ignore[operator]
+    f = tmp_path / "f.json"
     f.write_text("")
-    full = tmp_path / "full"  # type: ignore[operator]
+    full = tmp_path / "full"
     full.mkdir()
     (full / "x").write_text("keep")
     covers = [Cover(str(d), "dir", "ph/"), Cover(str(f), "file", "f.json"),
@@ -348,7 +350,7 @@ def _exe(path: str, text: str) -> str:
     return path
 
 
-def test_resolve_native_binary_symlink(tmp_path: object) -> None:
+def test_resolve_native_binary_symlink(tmp_path: Path) -> None:
     home = str(tmp_path)
     real = _exe(f"{home}/.local/share/claude/versions/1.2.3", "\x7fELF....")
     os.makedirs(f"{home}/.local/bin")
@@ -359,7 +361,7 @@ def test_resolve_native_binary_symlink(tmp_path: object) -> None:
     assert r.mounts[0].mode == "ro"
 
 
-def test_resolve_npm_script_with_nvm_node(tmp_path: object) -> None:
+def test_resolve_npm_script_with_nvm_node(tmp_path: Path) -> None:
     home = str(tmp_path)
     ver = f"{home}/.nvm/versions/node/v20.11.0"
     node = _exe(f"{ver}/bin/node", "\x7fELF")
@@ -375,7 +377,7 @@ def test_resolve_npm_script_with_nvm_node(tmp_path: object) -> None:
     assert f"{ver}/bin" in r.path_dirs
 
 
-def test_resolve_venv_script(tmp_path: object) -> None:
+def test_resolve_venv_script(tmp_path: Path) -> None:
     home = str(tmp_path)
     venv = f"{home}/.local/share/pipx/venvs/aider-chat"
     _exe(f"{venv}/pyvenv.cfg", "home = /usr/bin\n")
@@ -392,7 +394,7 @@ def test_resolve_system_command_needs_no_mount() -> None:
     assert r.mounts == [] and r.path.startswith(("/usr/", "/bin/"))
 
 
-def test_resolve_errors(tmp_path: object) -> None:
+def test_resolve_errors(tmp_path: Path) -> None:
     home = str(tmp_path)
     with pytest.raises(CommandNotFound) as e:
         resolve_command("no-such-agent-xyz", "/usr/bin", home)
@@ -434,10 +436,10 @@ def test_registry_user_extension_and_validation() -> None:
         load_registry({"bad": {"mounts": [{"path": "~/", "mode": "rw"}]}})
 
 
-def test_detect_layout_reads_etc_and_system_dirs(tmp_path: object) -> None:
+def test_detect_layout_reads_etc_and_system_dirs(tmp_path: Path) -> None:
     from agentpen.workers.jail.layout import detect_layout
 
-    etc = tmp_path / "etc"  # type: ignore[operator]
+    etc = tmp_path / "etc"
     etc.mkdir()
     (etc / "passwd").write_text("u:x:1000:1000::/home/u:/bin/sh\n")
     (etc / "hosts").write_text("10.0.0.1 internal.corp\n")  # replaced by staged data
