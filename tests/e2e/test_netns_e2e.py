@@ -617,3 +617,29 @@ def test_proxy_listeners_handed_to_the_host_carry_sandbox_connections():
         host_end.close()
     assert res["got"] == ["proxy saw hello 127.0.0.1", "proxy saw hello ::1"]
     # the host's own 127.0.0.1:443 was never involved: it is not the sandbox's loopback
+
+
+def test_stdlib_backend_agrees_with_pyroute2_closed_and_leaky():
+    res = run("""
+        from agentpen.workers.netns import verify
+        from agentpen.workers.netns.errors import NetnsSetupError
+        def both():
+            a, b = verify._collect(), verify._collect_stdlib()
+            return all(sorted(map(repr, x)) == sorted(map(repr, y)) for x, y in zip(a, b))
+        out = {"closed_agree": both(),
+               "closed_ok": verify.verify_closed_namespace(backend="stdlib")["closed"]}
+        from pyroute2 import IPRoute
+        with IPRoute() as ipr:
+            idx = next(l["index"] for l in ipr.get_links() if l.get_attr("IFLA_IFNAME") != "lo")
+            ipr.addr("add", index=idx, address="fd00::15", prefixlen=64)
+            ipr.link("set", index=idx, state="up")
+            ipr.route("add", dst="::/0", gateway="fd00::1", oif=idx, family=socket.AF_INET6)
+        out["leaky_agree"] = both()
+        try:
+            verify.verify_closed_namespace(backend="stdlib"); out["leaky"] = "passed"
+        except NetnsSetupError as exc:
+            out["leaky"] = exc.what
+        report(**out)
+    """)
+    assert res["closed_agree"] and res["closed_ok"] and res["leaky_agree"]
+    assert "fd00::15" in res["leaky"] and "default route" in res["leaky"]
