@@ -158,7 +158,8 @@ def verify_ruleset(listing_json: dict[str, Any], policy: SessionPolicy) -> list[
         if got is None:
             problems.append(f"chain {chain.name} missing")
             continue
-        for key, value in (("type", "filter"), ("hook", chain.hook), ("policy", chain.policy)):
+        for key, value in (("type", "filter"), ("hook", chain.hook), ("prio", 0),
+                           ("policy", chain.policy)):
             if got.get(key) != value:
                 problems.append(f"chain {chain.name}: {key} is {got.get(key)!r}, not {value!r}")
         rules = got_rules.get(chain.name, [])
