@@ -87,12 +87,15 @@ def pasta_argv(policy: SessionPolicy, inner_argv: list[str], features: PastaFeat
     if not inner_argv:
         raise ValueError("pasta needs a command to run in the namespace")
     argv = [features.path, "--quiet", "--foreground"]
-    if features.map_host_loopback:
-        argv += ["--map-host-loopback", "none"]  # no address inside reaches host loopback
+    # No address inside may stand for the host's loopback. --no-map-gw says so in 2023
+    # and, as an alias of "--map-host-loopback none", in every later release; it is
+    # preferred because one 2024 release dies on "--map-host-loopback none" (its parser
+    # lacks a return). --map-guest-addr is left at its documented default, none: with no
+    # address and no route inside, nothing can reach either mapping anyway (verified).
+    if features.has("--no-map-gw"):
+        argv.append("--no-map-gw")
     else:
-        argv.append("--no-map-gw")  # 2023 meaning: the gateway address is not the host
-    if features.map_guest_addr:
-        argv += ["--map-guest-addr", "none"]  # no address inside reaches the host's own
+        argv += ["--map-host-loopback", "none"]
     for opt in OPTIONAL_OFF:
         if features.has(opt):
             argv.append(opt)  # no tap services, no UDP or ICMP handler: no door needs them
