@@ -162,14 +162,25 @@ def keep_only_setfcap() -> None:
         raise JailCapsError(f"capabilities not reduced to CAP_SETFCAP: {left}")
 
 
-def exec_jail(policy: SessionPolicy, *, status_fd: int, block_fd: int | None = None) -> NoReturn:
+def exec_jail(
+    policy: SessionPolicy,
+    *,
+    status_fd: int,
+    block_fd: int | None = None,
+    covers: Sequence[Cover] | None = None,
+) -> NoReturn:
     """Exec bwrap with the jail's argv and the policy's (already scrubbed) env.
-    Raises (JailError subclasses: ValueError, RuntimeError, OSError) with what failed
-    when the jail cannot be set up as promised; never execs a weaker jail."""
+
+    `covers`: the list from `jail_covers(policy)` that the caller computed before the
+    fork and will hand to `remove_placeholders` after the jail exits (None: computed
+    here). Raises with what failed (EnvError, ProtectError, ValueError for a refused
+    mount, JailCapsError, LayoutError, RuntimeError from seccomp, OSError) when the
+    jail cannot be set up as promised; never execs a weaker jail."""
     check_env(policy.env)
     keep_only_setfcap()
     layout = detect_layout()
-    covers = jail_covers(policy)
+    if covers is None:  # the parent normally passes the list it will clean up after
+        covers = jail_covers(policy)
     program = seccomp.build_seccomp_program()
     fds = JailFds(
         seccomp=open_data_fd("seccomp", program),
