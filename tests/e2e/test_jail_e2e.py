@@ -33,9 +33,13 @@ pytestmark = pytest.mark.e2e
 
 CANARY = "hunter2-e2e-secret-value"
 RUNNER = textwrap.dedent("""
-    import json, sys
+    import json, signal, sys
     from agentpen.core.policy import SessionPolicy
     from agentpen.workers.jail.launch import exec_jail
+    if sys.argv[3:] == ["hostile-parent"]:  # dispositions a parent may leave behind
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM, signal.SIGINT])
     exec_jail(SessionPolicy.from_json(json.loads(sys.argv[1])), status_fd=int(sys.argv[2]))
 """)
 PY = "/usr/bin/python3"  # the system python: visible read-only inside the jail
@@ -91,17 +95,24 @@ def parse_status(raw: bytes) -> list[dict[str, object]]:
     return out
 
 
-def run_jail(policy: SessionPolicy, stdin: bytes = b"") -> tuple[int, str, str, list]:
+def run_jail(
+    policy: SessionPolicy, stdin: bytes = b"", runner_args: tuple[str, ...] = (),
+) -> tuple[int, str, str, list]:
     covers = jail_covers(policy)
     r, w = os.pipe()
     try:
         p = subprocess.Popen(
-            [sys.executable, "-c", RUNNER, json.dumps(policy.to_json()), str(w)],
+            [sys.executable, "-c", RUNNER, json.dumps(policy.to_json()), str(w), *runner_args],
             pass_fds=(w,), env=host_env(), stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )
         os.close(w)
-        out, err = p.communicate(stdin, timeout=TIMEOUT)
+        try:
+            out, err = p.communicate(stdin, timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            p.kill()  # bwrap: --die-with-parent does not apply, it IS this process
+            p.communicate()
+            raise
         status = parse_status(os.read(r, 1 << 16))
     finally:
         os.close(r)
@@ -369,6 +380,22 @@ def test_exit_codes_propagate(tmp_path: Path, script: str, code: int) -> None:
     rc, _, err, status = run_jail(make_policy(home, proj, ["/bin/sh", "-c", script]))
     assert rc == code, err
     assert status[0].get("child-pid") and status[-1].get("exit-code") == code
+
+
+def test_signals_reset_whatever_the_parent_left(tmp_path: Path) -> None:
+    """A parent that ignores CHLD/TERM and blocks INT/TERM must not leak that into
+    bwrap or the command: statuses and signal deaths still propagate."""
+    home, proj = make_world(tmp_path)
+    script = "grep -E '^Sig(Blk|Ign):' /proc/self/status; kill -TERM $$"
+    rc, out, err, status = run_jail(make_policy(home, proj, ["/bin/sh", "-c", script]),
+                                    runner_args=("hostile-parent",))
+    assert rc == 143, err
+    assert status[-1].get("exit-code") == 143
+    fields = dict(line.split(":\t") for line in out.splitlines())
+    assert int(fields["SigBlk"], 16) == 0
+    ignored = int(fields["SigIgn"], 16)
+    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGPIPE, signal.SIGUSR1):
+        assert not ignored & (1 << (sig - 1)), sig
 
 
 def test_kill_process_group_cannot_reach_the_parent(tmp_path: Path) -> None:

@@ -199,9 +199,16 @@ def exec_jail(
         os.set_inheritable(fd, True)
     close_fds_except(keep)
 
-    # Python leaves PIPE/XFSZ ignored and may block signals: back to defaults first.
-    for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGHUP, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_DFL)
+    # Ignored dispositions survive exec (Python ignores PIPE/XFSZ; a parent may ignore
+    # CHLD, which would break bwrap's waitpid): every signal back to its default,
+    # nothing blocked, then ignore exactly the terminal ones for bwrap.
+    for sig in signal.valid_signals():
+        if sig in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        try:
+            signal.signal(sig, signal.SIG_DFL)
+        except (OSError, ValueError):
+            continue  # real-time signals libc reserves for itself
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
     for sig in BWRAP_IGNORED:
         signal.signal(sig, signal.SIG_IGN)
