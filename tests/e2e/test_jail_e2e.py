@@ -110,7 +110,7 @@ def run_jail(
         try:
             out, err = p.communicate(stdin, timeout=TIMEOUT)
         except subprocess.TimeoutExpired:
-            p.kill()  # bwrap: --die-with-parent does not apply, it IS this process
+            p.kill()  # the runner is bwrap by now: its sandbox follows (--die-with-parent)
             p.communicate()
             raise
         status = parse_status(os.read(r, 1 << 16))
