@@ -164,7 +164,7 @@ def decode(data: bytes, fds: list[int]) -> Message:
         raise ProtocolError(f"unknown message type {mtype}") from None
     try:
         body = json.loads(data[HEADER.size :])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ProtocolError(f"body is not JSON: {exc}") from None
     if not isinstance(body, dict):
         raise ProtocolError("body is not a JSON object")
@@ -181,7 +181,7 @@ def decode(data: bytes, fds: list[int]) -> Message:
             os.close(blob)
         try:
             body = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise ProtocolError(f"blob is not JSON: {exc}") from None
         if not isinstance(body, dict):
             raise ProtocolError("blob is not a JSON object")

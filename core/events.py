@@ -31,7 +31,7 @@ def make_event(
     level: str = "info",
     kind: str = "event",
     category: list[str] | None = None,
-    type: list[str] | None = None,  # noqa: A002 - the ECS field is called type
+    type: list[str] | None = None,
     outcome: str | None = None,
     reason: str | None = None,
     **fieldsets: Any,

@@ -130,6 +130,23 @@ CLONE_NEWUSER = 0x10000000
 _libc.unshare.argtypes = [ctypes.c_int]
 
 
+def wait_single_threaded(timeout: float = 5.0) -> None:
+    """Join every other Python thread (libraries such as pyroute2 leave helpers that
+    end on their own); unshare(CLONE_NEWUSER) refuses a multi-threaded process."""
+    import threading
+    import time
+
+    deadline = time.monotonic() + timeout
+    for t in threading.enumerate():
+        if t is not threading.current_thread():
+            t.join(max(0.0, deadline - time.monotonic()))
+    while len(os.listdir("/proc/self/task")) > 1:  # a native thread still exiting
+        if time.monotonic() > deadline:
+            raise OSError(f"{len(os.listdir('/proc/self/task'))} threads still running; "
+                          "unshare(CLONE_NEWUSER) needs a single-threaded process")
+        os.sched_yield()
+
+
 def enter_own_user_namespace(uid: int, gid: int) -> None:
     """unshare(CLONE_NEWUSER) and map `uid`/`gid` inside to our current ids outside.
 
@@ -140,6 +157,7 @@ def enter_own_user_namespace(uid: int, gid: int) -> None:
     child namespace also holds no capability over the network namespace, which stays
     owned by pasta's. Must be called single-threaded."""
     outer_uid, outer_gid = os.geteuid(), os.getegid()
+    wait_single_threaded()
     if _libc.unshare(CLONE_NEWUSER) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"unshare(CLONE_NEWUSER): {os.strerror(err)}")
@@ -149,3 +167,27 @@ def enter_own_user_namespace(uid: int, gid: int) -> None:
         f.write(f"{uid} {outer_uid} 1\n")
     with open("/proc/self/gid_map", "w") as f:
         f.write(f"{gid} {outer_gid} 1\n")
+
+
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
+MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
+MS_REC, MS_PRIVATE = 0x4000, 1 << 18
+CLONE_NEWNS = 0x00020000
+
+
+def mount_fresh_proc() -> None:
+    """Mount a /proc that matches our pid namespace.
+
+    pasta runs its command in new pid and mount namespaces but leaves the host's /proc
+    mounted, so pids in /proc are not ours and bwrap (which opens /proc/<pid>/ns/*)
+    fails. Root of pasta's user namespace owns both namespaces and may mount it."""
+    if _libc.unshare(CLONE_NEWNS) != 0:  # our own mount namespace: nothing propagates out
+        err = ctypes.get_errno()
+        raise OSError(err, f"unshare(CLONE_NEWNS): {os.strerror(err)}")
+    if _libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"make / private: {os.strerror(err)}")
+    flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
+    if _libc.mount(b"proc", b"/proc", b"proc", flags, None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount proc on /proc: {os.strerror(err)}")

@@ -76,9 +76,7 @@ def _main(argv: list[str]) -> int:
         return _fail(AgentpenError(f"audit sink: {exc}"), log)
     stream = AuditStream(policy.session_id, sinks, chain=opts.audit_chain, failure=opts.audit_failure)
     for sink in sinks:
-        where = getattr(sink, "path", None) or getattr(sink, "describe", lambda: None)()
-        if where:
-            log.info("audit log", path=str(where), session=policy.session_id)
+        log.info("audit log", sink=sink.describe(), session=policy.session_id)
 
     from agentpen.supervisor.session import Session
 

@@ -105,9 +105,18 @@ class Session:
         # messages must not stop us under `stty tostop`.
         signal.signal(signal.SIGTTOU, signal.SIG_IGN)
         self.sel.register(sigfd.fileno(), selectors.EVENT_READ, ("signal", None))
+        from agentpen.supervisor.audit import AuditHalt
+
         try:
             self._start()
             self._loop(sigfd)
+        except AuditHalt as exc:
+            # --audit-failure halt: no unaudited work. Stop the command, report 125.
+            self.outcome.error = f"audit sink failed and --audit-failure is halt: {exc}"
+            self.outcome.exit_code = self.outcome.signal = None
+            if self.netns:
+                with contextlib.suppress(OSError):
+                    self.netns.channel.send(MsgType.CONTROL, {"op": "shutdown"})
         except AgentpenError as exc:
             self.outcome.error, self.outcome.fix = exc.message, exc.fix
         except KeyboardInterrupt:  # not expected with signals blocked; belt and braces
@@ -147,7 +156,7 @@ class Session:
         self.emit(make_event(
             "worker-started", f"pasta started (pid {self.netns.pasta.pid})",
             category=["process"], type=["start"], outcome="success",
-            process={"pid": self.netns.pasta.pid, "name": "pasta"}, agentpen={"worker": "pasta"},
+            process={"pid": self.netns.pasta.pid, "name": "pasta"}, agentpen={"role": "pasta"},
         ))
         from agentpen.workers.netns.pasta import PastaLog
 
@@ -225,14 +234,9 @@ class Session:
 
     def _command_pid(self) -> int | None:
         """The command is the child of bwrap's init (pid 1 of the sandbox)."""
-        init = self.sandbox_init_pid
-        if init is None:
+        if self.sandbox_init_pid is None:
             return None
-        try:
-            with open(f"/proc/{init}/task/{init}/children") as f:
-                kids = [int(x) for x in f.read().split()]
-        except (OSError, ValueError):
-            return None
+        kids = _children(self.sandbox_init_pid)
         return kids[0] if kids else None
 
     # -- netns worker --------------------------------------------------------------------
@@ -240,11 +244,13 @@ class Session:
     def _recv(self, ch: Channel, role: str) -> Message | None:
         try:
             return ch.recv()
+        except BlockingIOError:
+            raise  # nothing more to read: not the worker's fault
         except (ProtocolError, OSError) as exc:
             self.counters.protocol_violations += 1
             self.emit(make_event("protocol-violation", f"bad message from the {role} worker: {exc}",
                                  level="error", category=["process"], type=["error"],
-                                 outcome="failure", agentpen={"worker": role}))
+                                 outcome="failure", agentpen={"role": role}))
             return None
 
     def _on_netns_readable(self) -> None:
@@ -284,15 +290,19 @@ class Session:
             # The session start is on disk (emitted durably before pasta started).
             self.netns.channel.send(MsgType.CONTROL, {"op": "go"})  # type: ignore[union-attr]
         elif state == "jail-started":
-            self.jail_pid = int(body["pid"])
+            # The netns worker lives in pasta's pid namespace: its pids are not ours.
+            # Find the host pid from the process tree (the jail is its only child).
+            kids = _children(self.netns.pid) if self.netns and self.netns.pid else []  # type: ignore[union-attr]
+            self.jail_pid = kids[0] if kids else None
             self.command_started = time.monotonic()
             self.emit(make_event(
                 "worker-started", f"jail started (bwrap pid {self.jail_pid})",
                 category=["process"], type=["start"], outcome="success",
-                process={"pid": self.jail_pid, "name": "bwrap"}, agentpen={"worker": "jail"},
+                process={"pid": self.jail_pid, "name": "bwrap"}, agentpen={"role": "jail"},
             ))
         elif state == "sandbox-started":
-            self.sandbox_init_pid = int(body["pid"])
+            kids = _children(self.jail_pid) if self.jail_pid else []
+            self.sandbox_init_pid = kids[0] if kids else None
             self.emit(make_event(
                 "command-started", f"command started in the sandbox: {self.policy.command_name}",
                 category=["process"], type=["start"], outcome="success",
@@ -344,7 +354,7 @@ class Session:
             level="error" if not self.outcome.exit_code and self.command_started is None else "info",
             category=["process"], type=["end"], outcome="success" if code == 0 else "failure",
             process={"pid": self.netns.pasta.pid, "name": "pasta", "exit_code": code},
-            agentpen={"worker": "pasta"},
+            agentpen={"role": "pasta"},
         ))
         if self.outcome.exit_code is None and self.outcome.signal is None and not self.outcome.error:
             self.outcome.error = f"pasta exited ({_describe(code)}) before the command finished"
@@ -357,7 +367,10 @@ class Session:
         assert self.proxy is not None
         w = self.proxy.start()
         self.sel.register(w.channel.fileno(), selectors.EVENT_READ, ("proxy", w))
-        self.sel.register(w.process.sentinel, selectors.EVENT_READ, ("proxy-exit", w))  # type: ignore[attr-defined]
+        # A pidfd, not multiprocess's sentinel: the worker closes every inherited
+        # descriptor, the sentinel pipe's write end included.
+        w.pidfd = os.pidfd_open(w.pid)
+        self.sel.register(w.pidfd, selectors.EVENT_READ, ("proxy-exit", w))
         if restart:
             self.counters.proxy_restarts += 1
         self.emit(make_event(
@@ -366,7 +379,7 @@ class Session:
             level="warning" if restart else "info",
             category=["process"], type=["start"], outcome="success",
             process={"pid": w.pid, "name": "agentpen-proxy"},
-            agentpen={"worker": "proxy", "incarnation": w.incarnation,
+            agentpen={"role": "proxy", "incarnation": w.incarnation,
                       "restart_count": self.counters.proxy_restarts},
         ), durable=restart)
         if restart:
@@ -374,17 +387,17 @@ class Session:
         if not self.audit.healthy:
             w.channel.send(MsgType.CONTROL, {"op": "deny-new"})
 
-    def _on_proxy_readable(self, w: Any) -> None:
+    def _on_proxy_readable(self, w: Any) -> bool:
+        """Handle one message; False once the channel is closed."""
         msg = self._recv(w.channel, "proxy")
         if msg is None:
             with contextlib.suppress(KeyError, ValueError):
                 self.sel.unregister(w.channel.fileno())
-            return
+            return False
+        msg.close_fds()
         if msg.sender_pid not in (w.pid, None):
             self.counters.protocol_violations += 1
-            msg.close_fds()
-            return
-        msg.close_fds()
+            return True
         if msg.type == MsgType.EVENT:
             body = dict(msg.body)
             ack_id = body.pop("ack_id", None)
@@ -397,21 +410,21 @@ class Session:
             if ack_id is not None:
                 with contextlib.suppress(OSError):
                     w.channel.send(MsgType.ACK, {"ack_id": ack_id, "ok": bool(self.audit.healthy)})
+        return True
 
     def _on_proxy_exit(self, w: Any) -> None:
         assert self.proxy is not None
         with contextlib.suppress(KeyError, ValueError):
-            self.sel.unregister(w.process.sentinel)
+            self.sel.unregister(w.pidfd)
+        os.close(w.pidfd)
         # Drain what the worker said before dying (its last events).
-        with contextlib.suppress(Exception):
-            os.set_blocking(w.channel.fileno(), False)
-            while True:
-                try:
-                    self._on_proxy_readable(w)
-                except BlockingIOError:
+        os.set_blocking(w.channel.fileno(), False)
+        for _ in range(10000):
+            try:
+                if not self._on_proxy_readable(w):
                     break
-                if w.channel.sock.fileno() < 0:
-                    break
+            except BlockingIOError:
+                break
         with contextlib.suppress(KeyError, ValueError):
             self.sel.unregister(w.channel.fileno())
         code, sig, loop = self.proxy.on_exit(time.monotonic())
@@ -421,7 +434,7 @@ class Session:
             level="info" if self.done else "error",
             category=["process"], type=["end"], outcome="failure" if (sig or code) else "success",
             process={"pid": w.pid, "name": "agentpen-proxy", "exit_code": code},
-            agentpen={"worker": "proxy", "signal": signal.Signals(sig).name if sig else None,
+            agentpen={"role": "proxy", "signal": signal.Signals(sig).name if sig else None,
                       "incarnation": w.incarnation},
         ), durable=True)
         if loop:
@@ -481,6 +494,15 @@ class Session:
                       "fix": o.fix},
         ), durable=True)
         return status
+
+
+def _children(pid: int) -> list[int]:
+    """Host pids of a process's children (pid namespaces make reported pids local)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except (OSError, ValueError):
+        return []
 
 
 def _describe(code: int | None) -> str:

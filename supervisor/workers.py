@@ -90,6 +90,7 @@ class ProxyWorker:
     incarnation: int
     started: float
     pid: int
+    pidfd: int = -1
 
 
 @dataclass
@@ -127,7 +128,7 @@ class ProxySupervisor:
         """The current worker exited. Returns (exit code, signal, crash loop?)."""
         assert self.current is not None
         proc = self.current.process
-        proc.join(0)  # type: ignore[attr-defined]
+        proc.join(1.0)  # type: ignore[attr-defined]  # the pidfd said it exited: reap it
         code = proc.exitcode  # type: ignore[attr-defined]
         self.current.channel.close()
         self.current = None

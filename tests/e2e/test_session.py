@@ -7,7 +7,6 @@ import signal
 import subprocess
 import time
 
-from .conftest import AGENTPEN, leftover_processes
 
 
 def test_confined_command_runs_through_all_three_workers(sandbox):
@@ -20,8 +19,9 @@ def test_confined_command_runs_through_all_three_workers(sandbox):
     actions = r.actions()
     for needed in ("session-started", "sandbox-network-verified", "command-started", "session-ended"):
         assert needed in actions, actions
-    workers = {e.get("agentpen", {}).get("worker") for e in r.audit()}
-    assert {"pasta", "proxy", "jail"} <= workers, workers
+    roles = {e.get("agentpen", {}).get("role") for e in r.audit()
+             if e["event"]["action"] == "worker-started"}
+    assert {"pasta", "proxy", "jail"} <= roles, roles
     setup_senders = {e.get("agentpen", {}).get("worker") for e in r.audit()
                      if e["event"]["action"] == "setup-step"}
     assert setup_senders == {"netns"}, setup_senders
@@ -66,9 +66,8 @@ def test_sigterm_to_agentpen_reaches_the_command(sandbox):
     ready = sandbox.project / "ready"
     audit = sandbox.root / "sig.jsonl"
     script = f"trap 'echo got-term; exit 42' TERM; touch {ready}; while :; do sleep 0.05; done # {marker}"
-    p = subprocess.Popen([*AGENTPEN, "--audit-log", str(audit), "--", "sh", "-c", script],
-                         cwd=sandbox.project, env=sandbox.env(), stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+    p = sandbox.popen("--", "sh", "-c", script, audit=audit, stdout=subprocess.PIPE,
+                      stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
     while not ready.exists():
         assert time.monotonic() < deadline, "command never started"
@@ -78,7 +77,7 @@ def test_sigterm_to_agentpen_reaches_the_command(sandbox):
     out, err = p.communicate(timeout=30)
     assert p.returncode == 42, err
     assert "got-term" in out
-    assert not leftover_processes(marker)
+    assert not sandbox.leftovers(marker)
 
 
 def test_supervisor_sigkill_leaves_nothing_behind(sandbox):
@@ -86,14 +85,13 @@ def test_supervisor_sigkill_leaves_nothing_behind(sandbox):
     ready = sandbox.project / "ready"
     script = f"touch {ready}; while :; do sleep 0.05; done # {marker}"
     audit = sandbox.root / "k.jsonl"
-    p = subprocess.Popen([*AGENTPEN, "--audit-log", str(audit), "--", "sh", "-c",
-                          script], cwd=sandbox.project, env=sandbox.env(),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = sandbox.popen("--", "sh", "-c", script, audit=audit, stdout=subprocess.DEVNULL,
+                      stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
     while not ready.exists():
         assert time.monotonic() < deadline and p.poll() is None
         time.sleep(0.02)
-    before = leftover_processes(marker)
+    before = sandbox.leftovers(marker)
     assert before, "positive control: the probe sees the running command"
     worker_pids = [e["process"]["pid"] for e in _lines(audit)
                    if e["event"]["action"] in ("worker-started", "worker-restarted")]
@@ -101,8 +99,8 @@ def test_supervisor_sigkill_leaves_nothing_behind(sandbox):
     p.kill()
     p.wait(10)
     deadline = time.monotonic() + 10
-    while leftover_processes(marker) or any(os.path.exists(f"/proc/{pid}") for pid in worker_pids):
-        assert time.monotonic() < deadline, (leftover_processes(marker), worker_pids)
+    while sandbox.leftovers(marker) or any(os.path.exists(f"/proc/{pid}") for pid in worker_pids):
+        assert time.monotonic() < deadline, (sandbox.leftovers(marker), worker_pids)
         time.sleep(0.05)
 
 

@@ -60,13 +60,14 @@ def _wait_for(ch: Channel, mtype: MsgType) -> dict:
 
 def setup(ch: Channel, policy: SessionPolicy):
     """Steps 2-4. Returns the DNS server (already holding its sockets)."""
-    from agentpen.workers.netns import listeners, nftables, verify
+    from agentpen.workers.netns import fds, listeners, nftables, verify
     from agentpen.workers.netns.dns import DnsServer
     from agentpen.workers.netns.errors import NetnsSetupError
     from agentpen.workers.proxy.allowlist import Allowlist
 
     try:
         t = time.monotonic()
+        osutil.mount_fresh_proc()
         nft_state = nftables.load_and_verify(policy)
         _step(ch, "nftables", "nftables ruleset loaded and read back", t, nftables=nft_state)
 
@@ -82,13 +83,19 @@ def setup(ch: Channel, policy: SessionPolicy):
         _step(ch, "listeners", "proxy and DNS sockets created in the namespace", t,
               proxy_port=policy.proxy_port, dns_port=policy.dns_port)
     except NetnsSetupError as exc:
-        raise _Fatal(str(exc), getattr(exc, "fix", None)) from None
+        raise _Fatal(exc.what, exc.how_to_fix) from None
 
     ch.send(MsgType.FDS, {"names": [f"proxy{i}" for i in range(len(socks))]},
             fds=[s.fileno() for s in socks])
     for s in socks:  # the supervisor holds them now; our copies would keep them alive
         s.close()
 
+    # Nothing from the host's network namespace may reach the jail (pasta 2023 leaks
+    # its --publish listener into its child).
+    try:
+        fds.assert_no_foreign_sockets(frozenset({ch.fileno()}))
+    except NetnsSetupError as exc:
+        raise _Fatal(exc.what, exc.how_to_fix) from None
     t = time.monotonic()
     # Leave root of pasta's namespace for the user's own uid in a child namespace
     # (see osutil.enter_own_user_namespace), then drop every capability for good.
@@ -166,6 +173,7 @@ def serve(ch: Channel, dns, jail_pid: int, status_r: int) -> None:
                 if msg.type == MsgType.CONTROL and msg.body.get("op") == "shutdown":
                     os.kill(jail_pid, signal.SIGKILL)
             elif what == "jail-exit":
+                ch.send(MsgType.EVENT, dns.audit.summary())
                 _, status = os.waitpid(jail_pid, 0)
                 # drain what bwrap wrote last (its exit-code line)
                 try:
@@ -211,10 +219,17 @@ def main(argv: list[str]) -> int:
               "(started by agentpen)", file=sys.stderr)
         return 2
     stdio = [int(x) for x in argv[3].split(",")]
+    channel_fd = int(argv[1])
+    # Keep only what the supervisor gave us: pasta 2023 leaves its own host-side
+    # sockets (a --publish listener) inheritable in its child.
+    osutil.close_fds_except({channel_fd, *stdio})
+    from agentpen.workers.netns import verify
+
+    verify.preload_in_background()  # pyroute2's import overlaps the CONFIG round trip and nft
     # Die with pasta (and pasta dies with the supervisor): nothing outlives a session.
     osutil.set_pdeathsig(signal.SIGKILL, expected_parent=os.getppid())
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    ch = Channel.from_fd(int(argv[1]))
+    ch = Channel.from_fd(channel_fd)
     ch.send(MsgType.HELLO, {"role": "netns", "pid": os.getpid(), "proto": 1})
     try:
         policy = SessionPolicy.from_json(_wait_for(ch, MsgType.CONFIG))

@@ -1,4 +1,5 @@
-"""End-to-end harness: the real agentpen, bwrap, pasta and nft, as an unprivileged user.
+"""Shared test harness. The `sandbox` fixture drives the real agentpen, bwrap, pasta
+and nft, as an unprivileged user (tests under e2e/ and adversarial/).
 
 Nothing here is mocked. A missing tool or a root user is a failure, not a skip: a
 test that does not run proves nothing."""
@@ -75,6 +76,16 @@ class Sandbox:
         env.update(extra)
         return env
 
+    def popen(self, *args: str, audit: Path, **kw) -> subprocess.Popen:
+        argv = [*AGENTPEN, "--log-format", "json", "--audit-log", str(audit), *args]
+        kw.setdefault("cwd", self.project)
+        kw.setdefault("env", self.env())
+        return subprocess.Popen(argv, **kw)
+
+    @staticmethod
+    def leftovers(marker: str) -> list[str]:
+        return leftover_processes(marker)
+
     def run(self, *args: str, timeout: float = 60, env: dict | None = None, audit: str | None = None,
             stdin=subprocess.DEVNULL, cwd: Path | None = None) -> Run:
         audit_path = Path(audit) if audit else self.root / f"audit-{os.urandom(4).hex()}.jsonl"
@@ -104,6 +115,6 @@ def sandbox(tmp_path: Path) -> Sandbox:
 
 def leftover_processes(marker: str) -> list[str]:
     """Processes of this user whose command line mentions marker."""
-    out = subprocess.run(["ps", "-u", str(os.getuid()), "-o", "pid=,args="], capture_output=True,
+    out = subprocess.run(["ps", "-ww", "-u", str(os.getuid()), "-o", "pid=,args="], capture_output=True,
                          text=True, check=False).stdout
     return [line for line in out.splitlines() if marker in line and "ps -u" not in line]
