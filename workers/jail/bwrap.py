@@ -134,8 +134,10 @@ def build_bwrap_argv(
         a += ["--symlink", target, link]
     a += ["--proc", "/proc"]  # fresh procfs of the jail's pid namespace
     a += ["--dev", "/dev"]  # null, zero, full, random, urandom, tty, pts, shm only
-    a += ["--tmpfs", "/tmp"]  # noqa: S108 - a fresh tmpfs in the jail: host /tmp invisible
-    a += ["--tmpfs", "/run"]  # private: no host daemon sockets (dbus, ssh-agent, docker)
+    # Private, empty: host temp files and daemon sockets (dbus, ssh-agent, docker in /run,
+    # /tmp) stay out; /var/tmp is scratch some tools expect (the rest of /var stays out).
+    for d in ("/tmp", "/run", "/var/tmp"):  # noqa: S108 - fresh tmpfs in the jail, not host files
+        a += ["--tmpfs", d]
     for target, link in layout.run_symlinks:
         a += ["--symlink", target, link]
     # Staged /etc: what the user can read, with the resolver files replaced.
