@@ -118,3 +118,69 @@ def leftover_processes(marker: str) -> list[str]:
     out = subprocess.run(["ps", "-ww", "-u", str(os.getuid()), "-o", "pid=,args="], capture_output=True,
                          text=True, check=False).stdout
     return [line for line in out.splitlines() if marker in line and "ps -u" not in line]
+
+
+class TlsUpstream:
+    """A TLS server on the host's loopback: the 'internet' the proxy dials (pinned with
+    --upstream). Serves a fixed body, or `size` bytes, per request."""
+
+    def __init__(self, tmp: Path, name: str = "api.example.com", body: bytes = b"hello from upstream\n"):
+        import socket
+        import ssl
+        import threading
+
+        self.name = name
+        self.body = body
+        self.cert = tmp / "upstream-cert.pem"
+        key = tmp / "upstream-key.pem"
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+             "-subj", f"/CN={name}", "-addext", f"subjectAltName=DNS:{name},DNS:*.{name}",
+             "-keyout", str(key), "-out", str(self.cert)],
+            check=True, capture_output=True, timeout=60,
+        )
+        self.ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.ctx.load_cert_chain(self.cert, key)
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        self.snis: list[str | None] = []
+        self.ctx.sni_callback = lambda s, n, c: self.snis.append(n)
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        import threading
+
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn) -> None:
+        try:
+            with self.ctx.wrap_socket(conn, server_side=True) as tls:
+                tls.settimeout(20)
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    chunk = tls.recv(4096)
+                    if not chunk:
+                        return
+                    data += chunk
+                tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+                            % len(self.body) + self.body)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def upstream(tmp_path: Path):
+    u = TlsUpstream(tmp_path)
+    yield u
+    u.close()
