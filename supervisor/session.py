@@ -73,6 +73,7 @@ class Session:
         self.done = False
         self.pasta_log = None
         self.pending_signal: int | None = None
+        self.covers: list[Any] = []
 
     # -- audit helpers -------------------------------------------------------------
 
@@ -128,13 +129,22 @@ class Session:
 
     def _start(self) -> None:
         p = self.policy
+        from agentpen.workers.jail.protect import plan_protection, protected_list
+
+        # Persistence covers, computed once here so that the supervisor can remove the
+        # placeholders bwrap creates in the project even if every worker was killed.
+        self.covers = plan_protection(p.project, protected_list(p.protect, p.unprotect))
         # pasta first: its ~60 ms of namespace setup overlaps with our audit work below.
         try:
             self.netns = NetnsWorker.spawn(p)
         except Exception as exc:
             raise SetupFailed(str(getattr(exc, "what", exc)),
                               fix=getattr(exc, "how_to_fix", None)) from None
-        self.netns.channel.send(MsgType.CONFIG, p.to_json())
+        self.netns.channel.send(MsgType.CONFIG, {
+            "policy": p.to_json(),
+            "covers": [{"path": c.path, "kind": c.kind, "rel": c.rel, "data": c.data.decode()}
+                       for c in self.covers],
+        })
         allow_hash = hashlib.sha256("\n".join(sorted(p.allow)).encode()).hexdigest()
         # Durable before the netns worker may start the command (it waits for "go").
         self.emit(make_event(
@@ -468,7 +478,23 @@ class Session:
                         self.emit(body, sender="pasta", pid=self.netns.pasta.pid)
                     self.netns.pasta.stderr.close()
             self.netns.channel.close()
+        self._remove_placeholders()
         self._restore_terminal()
+
+    def _remove_placeholders(self) -> None:
+        from agentpen.workers.jail.protect import remove_placeholders
+
+        covers = getattr(self, "covers", [])
+        if not any(c.placeholder for c in covers):
+            return
+        left = remove_placeholders(covers)
+        if left:
+            self.emit(make_event(
+                "placeholders-left", f"could not remove {len(left)} protection placeholder(s) "
+                "from the project", level="warning", category=["file"], type=["deletion"],
+                outcome="failure", agentpen={"paths": left},
+            ))
+            self.log.warning("protection placeholders left in the project", paths=left)
 
     def _restore_terminal(self) -> None:
         """The sandbox was the terminal's foreground group; give it back to ours."""

@@ -9,8 +9,16 @@ import time
 
 
 
+def _tree(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
 def test_confined_command_runs_through_all_three_workers(sandbox):
-    r = sandbox.run("--", "sh", "-c", "id -u; ls -A ~; echo hi")
+    before = _tree(sandbox.home)
+    r = sandbox.run("--", "sh", "-c", "id -u; ls -A ~; ls -A .; test -e .envrc && echo covered; echo hi")
+    assert "covered" in r.stdout  # positive control: the protection placeholder existed inside
+    # ...and nothing is left behind in the project (placeholders removed) or the home.
+    assert _tree(sandbox.home) == before
     assert r.returncode == 0, r.stderr
     lines = r.stdout.split()
     assert lines[0] == str(os.getuid())  # the user's own uid inside

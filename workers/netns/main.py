@@ -110,7 +110,7 @@ def setup(ch: Channel, policy: SessionPolicy):
     return dns
 
 
-def start_jail(policy: SessionPolicy, stdio: list[int]) -> tuple[int, int]:
+def start_jail(policy: SessionPolicy, stdio: list[int], covers: list) -> tuple[int, int]:
     """Fork the jail worker. Returns (pid, read end of bwrap's JSON status pipe).
 
     os.fork, not multiprocess: multiprocess's child replaces stdin with /dev/null,
@@ -124,7 +124,7 @@ def start_jail(policy: SessionPolicy, stdio: list[int]) -> tuple[int, int]:
             os.close(r)
             for target, fd in enumerate(stdio):  # the user's terminal, passed through pasta
                 os.dup2(fd, target)
-            exec_jail(policy, status_fd=w)
+            exec_jail(policy, status_fd=w, covers=covers)
         except BaseException as exc:  # report why the jail could not start, then die
             try:
                 msg = json.dumps({"agentpen-error": f"{type(exc).__name__}: {exc}"}) + "\n"
@@ -232,12 +232,20 @@ def main(argv: list[str]) -> int:
     ch = Channel.from_fd(channel_fd)
     ch.send(MsgType.HELLO, {"role": "netns", "pid": os.getpid(), "proto": 1})
     try:
-        policy = SessionPolicy.from_json(_wait_for(ch, MsgType.CONFIG))
+        config = _wait_for(ch, MsgType.CONFIG)
+        policy = SessionPolicy.from_json(config["policy"])
+        from agentpen.workers.jail import launch
+        from agentpen.workers.jail.protect import Cover
+
+        covers = [Cover(c["path"], c["kind"], c["rel"], c["data"].encode()) for c in config["covers"]]
         dns = setup(ch, policy)
+        # Pay the jail's imports and libseccomp's first load before "verified", not
+        # after "go" (they gate the command's first instruction otherwise).
+        launch.seccomp.build_seccomp_program()
         body = _wait_for(ch, MsgType.CONTROL)
         if body.get("op") != "go":
             raise _Fatal(f"unexpected instruction {body.get('op')!r}")
-        jail_pid, status_r = start_jail(policy, stdio)
+        jail_pid, status_r = start_jail(policy, stdio, covers)
         ch.send(MsgType.STATUS, {"state": "jail-started", "pid": jail_pid})
         serve(ch, dns, jail_pid, status_r)
         return 0
