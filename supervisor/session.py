@@ -74,6 +74,9 @@ class Session:
         self.pasta_log = None
         self.pending_signal: int | None = None
         self.covers: list[Any] = []
+        # Learn mode: names contacted that the allowlist would have blocked (from the
+        # proxy's would-block decisions and the DNS worker's learned lookups).
+        self.learned: dict[str, int] = {}
 
     # -- audit helpers -------------------------------------------------------------
 
@@ -416,6 +419,10 @@ class Session:
                 self.counters.connections_denied += 1
             elif "allowed" in types:
                 self.counters.connections_allowed += 1
+            if body.get("agentpen", {}).get("would_block"):
+                name = str(body.get("tls", {}).get("client", {}).get("server_name") or "")
+                if name:
+                    self.learned[name] = self.learned.get(name, 0) + 1
             self.emit(body, sender="proxy", pid=msg.sender_pid)
             if ack_id is not None:
                 with contextlib.suppress(OSError):
