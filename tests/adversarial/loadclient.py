@@ -22,6 +22,7 @@ Scenarios (each writes one JSON object to RESULT_PATH and prints it):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import ssl
@@ -154,10 +155,8 @@ def client_hello(host: str) -> bytes:
     ctx = ssl.create_default_context()
     inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
     obj = ctx.wrap_bio(inc, out, server_hostname=host)
-    try:
+    with contextlib.suppress(ssl.SSLWantReadError):
         obj.do_handshake()
-    except ssl.SSLWantReadError:
-        pass
     return out.read()
 
 
@@ -190,7 +189,7 @@ async def slow(args: dict) -> dict:
                     break
             try:
                 data = await asyncio.wait_for(r.read(1024), interval)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 continue
             except OSError:
                 break
@@ -262,7 +261,7 @@ async def huge(args: dict) -> dict:
         try:
             got = await asyncio.wait_for(r.read(4096), 15)
             outcome = "closed" if not got else "answered"
-        except asyncio.TimeoutError:
+        except TimeoutError:
             outcome = "no-answer"
         except OSError as exc:
             outcome = classify(exc)

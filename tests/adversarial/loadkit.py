@@ -6,6 +6,7 @@ bench/load_full.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -73,7 +74,7 @@ class AsyncTlsUpstream:
             await writer.drain()
             with self._lock:
                 self.served += 1
-        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ssl.SSLError):
+        except (TimeoutError, OSError, asyncio.IncompleteReadError, ssl.SSLError):
             pass
         finally:
             with self._lock:
@@ -225,10 +226,8 @@ def user_namespaces() -> set[str]:
     out = set()
     for pid in my_processes():
         for ns in ("user", "net", "mnt"):
-            try:
+            with contextlib.suppress(OSError):
                 out.add(os.readlink(f"/proc/{pid}/ns/{ns}"))
-            except OSError:
-                pass
     return out
 
 
@@ -298,14 +297,12 @@ class ScenarioRun:
         deadline = time.monotonic() + timeout
         while self.proc.poll() is None and time.monotonic() < deadline:
             self.watch()
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(0.2)
-            except subprocess.TimeoutExpired:
-                pass
         if self.proc.poll() is None:
             self.proc.kill()
             raise AssertionError(f"agentpen did not end within {timeout:g} s")
-        out, err = self.proc.communicate(timeout=30)
+        _out, err = self.proc.communicate(timeout=30)
         self.seconds = time.monotonic() - self.t0
         result = json.loads(self.result_path.read_text()) if self.result_path.exists() else {}
         return self.proc.returncode, result, err, audit_lines(self.audit)
