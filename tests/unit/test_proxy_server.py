@@ -529,3 +529,69 @@ def test_backpressure_bounds_memory_and_download_completes() -> None:
         assert state["at_block"] < total // 2
         assert growth < 16 * 1024, f"proxy RSS grew {growth} KiB while the client was stalled"
     up.close()
+
+
+def test_learn_mode_allows_and_marks_would_block() -> None:
+    up = RawUpstream(lambda conn: conn.recv(65536))
+    up.start()
+    policy = make_policy(["api.example.com"], pinned(up.port, "other.example.org"), learn=True)
+    with running_worker(policy) as w:
+        c = w.connect()
+        c.sendall(python_ssl_hello("other.example.org"))
+        assert up.done.wait(TIMEOUT) and up.accepted == 1
+        c.close()
+        ev = w.sup.wait_event("connection-allowed")[0]
+        assert ev["agentpen"]["would_block"] is True and "rule" not in ev
+        assert ev["event"]["reason"] == "learn mode"
+
+
+def test_shutdown_sends_summaries_of_open_connections() -> None:
+    up = RawUpstream(lambda conn: conn.recv(1 << 20) and conn.recv(1))
+    up.start()
+    with running_worker(make_policy(["api.example.com"], pinned(up.port))) as w:
+        c = w.connect()
+        c.sendall(python_ssl_hello("api.example.com"))
+        w.sup.wait_event("connection-allowed")
+        up_seen = up.accepted
+        w.sup.chan.send(MsgType.CONTROL, {"op": "shutdown"})
+        end = w.sup.wait_event("connection-closed")[0]
+        assert end["agentpen"]["close_reason"] == "worker shutdown" and up_seen <= 1
+        w.proc.join(TIMEOUT)
+        assert w.proc.exitcode == 0
+        c.close()
+    up.close()
+
+
+def test_bad_policy_fails_closed_with_status() -> None:
+    sup_end, wk_end = channel_pair()
+    lsock = socket.create_server(("127.0.0.1", 0))
+    proc = multiprocessing.get_context("fork").Process(
+        target=proxy_main, args=(wk_end.fileno(), [lsock.fileno()],
+                                 make_policy(["localhost"]), 1))
+    proc.start()
+    wk_end.close()
+    sup_end.sock.settimeout(TIMEOUT)
+    msg = sup_end.recv()
+    assert msg is not None and msg.body["state"] == "failed"
+    assert "local-only" in msg.body["error"]
+    proc.join(TIMEOUT)
+    assert proc.exitcode == 2
+    sup_end.close()
+    lsock.close()
+
+
+def test_not_a_listening_socket_fails_closed() -> None:
+    sup_end, wk_end = channel_pair()
+    plain = socket.socket()
+    proc = multiprocessing.get_context("fork").Process(
+        target=proxy_main, args=(wk_end.fileno(), [plain.fileno()],
+                                 make_policy(["api.example.com"]), 1))
+    proc.start()
+    wk_end.close()
+    sup_end.sock.settimeout(TIMEOUT)
+    msg = sup_end.recv()
+    assert msg is not None and "not a listening socket" in msg.body["error"]
+    proc.join(TIMEOUT)
+    assert proc.exitcode == 2
+    sup_end.close()
+    plain.close()

@@ -79,15 +79,21 @@ def proxy_main(channel_fd: int, listen_fds: list[int], policy_json: dict, incarn
     try:
         policy = SessionPolicy.from_json(policy_json)
         allowlist = Allowlist(policy.allow)
+        socks = [socket.socket(fileno=fd) for fd in listen_fds]
+        for sock in socks:
+            if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                raise ValueError(f"fd {sock.fileno()} is not a listening socket")
+        if not socks:
+            raise ValueError("no listening socket to serve")
         denied = confine()
+        proxy = Proxy(channel, socks, policy, allowlist, incarnation,
+                      fit_fd_limit(limits or Limits()), resolver=resolver, debug_ops=debug_ops,
+                      seccomp_denied=denied)
     except Exception as exc:  # fail closed: report and exit without serving
         with contextlib.suppress(OSError):
             channel.send(MsgType.STATUS, {"state": "failed", "role": "proxy",
                                           "incarnation": incarnation, "error": str(exc)})
         raise SystemExit(2) from exc
-    socks = [socket.socket(fileno=fd) for fd in listen_fds]
-    proxy = Proxy(channel, socks, policy, allowlist, incarnation, fit_fd_limit(limits or Limits()),
-                  resolver=resolver, debug_ops=debug_ops, seccomp_denied=denied)
     uvloop.run(proxy.serve())
 
 
