@@ -595,3 +595,57 @@ def test_not_a_listening_socket_fails_closed() -> None:
     assert proc.exitcode == 2
     sup_end.close()
     plain.close()
+
+
+def test_max_lifetime() -> None:
+    up = RawUpstream(lambda conn: [conn.recv(65536) for _ in range(100)])
+    up.start()
+    policy = make_policy(["api.example.com"], pinned(up.port))
+    with running_worker(policy, max_lifetime=0.6, idle_timeout=30) as w:
+        c = w.connect()
+        c.sendall(python_ssl_hello("api.example.com"))
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < TIMEOUT:  # keep it busy: idle never triggers
+            try:
+                c.sendall(b"x")
+            except OSError:
+                break
+            r, _, _ = select.select([c], [], [], 0.05)
+            if r and c.recv(100) == b"":
+                break
+        end = w.sup.wait_event("connection-closed")[0]
+        assert "max lifetime" in end["agentpen"]["close_reason"]
+        c.close()
+    up.close()
+
+
+def test_uvloop_sets_nodelay() -> None:
+    """The proxy relies on uvloop setting TCP_NODELAY on accepted and dialled sockets."""
+    import asyncio
+
+    import uvloop
+
+    async def main() -> dict[str, int]:
+        loop = asyncio.get_running_loop()
+        got: dict[str, int] = {}
+        seen = asyncio.Event()
+
+        class P(asyncio.Protocol):
+            def connection_made(self, t: Any) -> None:
+                got["accepted"] = t.get_extra_info("socket").getsockopt(
+                    socket.IPPROTO_TCP, socket.TCP_NODELAY)
+                seen.set()
+
+        s = socket.create_server(("127.0.0.1", 0))
+        srv = await loop.create_server(P, sock=s)
+        tr, _ = await loop.create_connection(asyncio.Protocol, host="127.0.0.1",
+                                             port=s.getsockname()[1])
+        got["dialled"] = tr.get_extra_info("socket").getsockopt(
+            socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        await asyncio.wait_for(seen.wait(), TIMEOUT)
+        tr.close()
+        srv.close()
+        return got
+
+    got = uvloop.run(main())
+    assert got["accepted"] and got["dialled"], got

@@ -349,6 +349,7 @@ class Connection(asyncio.Protocol):
         self.up_gone = False
         self.up_ip: str | None = None
         self.up_port = 0
+        self.deadline = 0.0
         self.pinned = False
         self.started = False  # an allowed/start event was recorded: owe a summary
         self.closing = False
@@ -379,9 +380,8 @@ class Connection(asyncio.Protocol):
             self.deny(f"concurrent connection cap ({p.limits.max_connections}) reached",
                       "connection-cap")
             return
-        sock = transport.get_extra_info("socket")
-        with contextlib.suppress(OSError, AttributeError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # TCP_NODELAY: uvloop sets it on every TCP transport, accepted or dialled
+        # (test_uvloop_sets_nodelay guards that), so no extra syscalls here.
         transport.set_write_buffer_limits(high=p.limits.write_high)
         self._timers.append(self.loop.call_later(p.limits.hello_timeout, self._hello_timeout))
 
@@ -564,9 +564,6 @@ class Connection(asyncio.Protocol):
             except (TimeoutError, OSError) as exc:
                 errors.append(f"{ip}:{port}: {exc or 'connect timeout'}")
                 continue
-            sock = up.transport.get_extra_info("socket") if up.transport else None
-            with contextlib.suppress(OSError, AttributeError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.up_ip = ip
             self.up_port = port
             self._splice(up)
@@ -594,8 +591,10 @@ class Connection(asyncio.Protocol):
             self.transport.resume_reading()
         lim = self.proxy.limits
         self.last = self.loop.time()
-        self._timers.append(self.loop.call_later(lim.idle_timeout, self._idle_check))
-        self._timers.append(self.loop.call_later(lim.max_lifetime, self.abort, "max lifetime"))
+        self.deadline = self.loop.time() + lim.max_lifetime
+        # one timer for both idle timeout and lifetime: re-armed only when it fires
+        self._timers.append(self.loop.call_later(min(lim.idle_timeout, lim.max_lifetime),
+                                                 self._idle_check))
 
     def half_close(self, *, from_client: bool) -> bool:
         """One side sent FIN: pass it on; close when both have."""
@@ -616,12 +615,15 @@ class Connection(asyncio.Protocol):
         return True
 
     def _idle_check(self) -> None:
-        idle = self.loop.time() - self.last
+        now = self.loop.time()
         lim = self.proxy.limits.idle_timeout
-        if idle >= lim:
+        if now >= self.deadline:
+            self.abort(f"max lifetime {self.proxy.limits.max_lifetime:g} s")
+        elif now - self.last >= lim:
             self.abort(f"idle for {lim:g} s")
         else:
-            self._timers.append(self.loop.call_later(lim - idle, self._idle_check))
+            wait = min(lim - (now - self.last), self.deadline - now)
+            self._timers.append(self.loop.call_later(wait, self._idle_check))
 
     def abort(self, reason: str) -> None:
         if self.close_reason is None:
