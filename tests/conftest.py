@@ -76,8 +76,12 @@ class Sandbox:
         env.update(extra)
         return env
 
+    @staticmethod
+    def argv(*args: str, audit: Path) -> list[str]:
+        return [*AGENTPEN, "--log-format", "json", "--audit-log", str(audit), *args]
+
     def popen(self, *args: str, audit: Path, **kw) -> subprocess.Popen:
-        argv = [*AGENTPEN, "--log-format", "json", "--audit-log", str(audit), *args]
+        argv = self.argv(*args, audit=audit)
         kw.setdefault("cwd", self.project)
         kw.setdefault("env", self.env())
         return subprocess.Popen(argv, **kw)
