@@ -649,3 +649,45 @@ def test_uvloop_sets_nodelay() -> None:
 
     got = uvloop.run(main())
     assert got["accepted"] and got["dialled"], got
+
+
+def test_events_validate_against_the_audit_schema() -> None:
+    """Contract with the supervisor: every event the worker sends becomes an audit line
+    that validates against supervisor/audit-schema.json with nothing rejected."""
+    import json
+
+    import jsonschema
+    from agentpen.supervisor.audit.ecs import build_record
+
+    schema_path = Path(__file__).resolve().parents[2] / "supervisor" / "audit-schema.json"
+    schema = json.loads(schema_path.read_text())
+    up = RawUpstream(lambda conn: conn.recv(65536))
+    up.start()
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
+    dead_port = dead.getsockname()[1]
+    dead.close()
+    policy = make_policy(["api.example.com", "down.example.com", "*.example.com"],
+                         pinned(up.port) + pinned(dead_port, "down.example.com"))
+    with running_worker(policy, hello_timeout=0.3, max_connections=3) as w:
+        c = w.connect()
+        c.sendall(python_ssl_hello("api.example.com"))
+        assert up.done.wait(TIMEOUT)
+        c.close()
+        _blocked(w, python_ssl_hello("evil.example.net"))
+        _blocked(w, python_ssl_hello(None))
+        _blocked(w, python_ssl_hello("down.example.com"))
+        _blocked(w, python_ssl_hello("private.example.com"))
+        _blocked(w, b"\x16\x03\x01")  # hello timeout
+        _blocked(w, b"junk")
+        w.sup.wait_event("connection-closed", 3)
+        w.sup.wait_event("connection-denied", 4)
+        bodies = [dict(m.body) for m in w.sup.msgs if m.type == MsgType.EVENT]
+    up.close()
+    assert len(bodies) >= 9
+    for i, body in enumerate(bodies, 1):
+        body.pop("ack_id", None)  # the supervisor consumes it before building the record
+        rec = build_record(body, session_id="t", sequence=i, sender="proxy", pid=1)
+        line = json.loads(json.dumps(rec))
+        jsonschema.validate(line, schema)
+        assert "rejected" not in line.get("agentpen", {}), line

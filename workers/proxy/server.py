@@ -449,9 +449,11 @@ class Connection(asyncio.Protocol):
         name = h.server_name if h else None
         f: dict[str, Any] = {
             "source": self.source or None,
-            "destination": {"domain": name, "port": self.proxy.limits.upstream_port},
+            "destination": {"port": self.proxy.limits.upstream_port},
             "agentpen": {"connection_id": self.cid, "incarnation": self.proxy.incarnation},
         }
+        if name:  # typed ECS fields carry no nulls
+            f["destination"]["domain"] = name
         if h is not None:
             f["tls"] = {"client": {"server_name": name}} if name else None
             f["agentpen"]["ech"] = h.ech
