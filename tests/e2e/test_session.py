@@ -7,6 +7,7 @@ import signal
 import subprocess
 import time
 
+import pytest
 
 
 def _tree(root):
@@ -69,11 +70,13 @@ def test_project_may_not_be_home_or_root(sandbox):
     assert sandbox.run("--project", "/", "true").returncode == 125
 
 
-def test_sigterm_to_agentpen_reaches_the_command(sandbox):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_signals_to_agentpen_reach_the_command(sandbox, sig):
+    name = signal.Signals(sig).name[3:]
     marker = f"agentpen-e2e-{os.getpid()}-{time.monotonic_ns()}"
     ready = sandbox.project / "ready"
     audit = sandbox.root / "sig.jsonl"
-    script = f"trap 'echo got-term; exit 42' TERM; touch {ready}; while :; do sleep 0.05; done # {marker}"
+    script = f"trap 'echo got-term; exit 42' {name}; touch {ready}; while :; do sleep 0.05; done # {marker}"
     p = sandbox.popen("--", "sh", "-c", script, audit=audit, stdout=subprocess.PIPE,
                       stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
@@ -81,7 +84,7 @@ def test_sigterm_to_agentpen_reaches_the_command(sandbox):
         assert time.monotonic() < deadline, "command never started"
         assert p.poll() is None, p.stderr.read()
         time.sleep(0.02)
-    p.send_signal(signal.SIGTERM)
+    p.send_signal(sig)
     out, err = p.communicate(timeout=30)
     assert p.returncode == 42, err
     assert "got-term" in out
