@@ -35,7 +35,8 @@ def _unprivileged_with_tools(request):
     missing = [t for t in ("bwrap", "pasta", "nft") if not (
         shutil.which(t) or shutil.which(t, path="/usr/sbin:/sbin"))]
     if missing:
-        pytest.fail(f"missing tools for end-to-end tests: {missing} (apt-get install bubblewrap passt nftables)")
+        pytest.fail(f"missing tools for end-to-end tests: {missing} "
+                    "(apt-get install bubblewrap passt nftables)")
 
 
 @dataclass

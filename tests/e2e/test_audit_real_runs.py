@@ -87,7 +87,8 @@ def test_worker_restart_and_chain(sandbox, validator, tmp_path):
     assert p.returncode == 0, err
     lines = [json.loads(x) for x in audit.read_text().splitlines() if x.strip()]
     _check_stream(lines, validator)
-    exited = [e for e in lines if e["event"]["action"] == "worker-exited" and e["process"]["pid"] == proxy_pid]
+    exited = [e for e in lines
+              if e["event"]["action"] == "worker-exited" and e["process"]["pid"] == proxy_pid]
     assert exited and exited[0]["agentpen"]["signal"] == "SIGKILL"
     restarted = [e for e in lines if e["event"]["action"] == "worker-restarted"]
     assert restarted and restarted[0]["agentpen"]["restart_count"] == 1
