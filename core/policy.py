@@ -21,6 +21,7 @@ class Mount:
     path: str
     mode: MountMode = "ro"
     why: str = ""  # short reason, shown by `config show` and in the audit stream
+    source: str = ""  # bind this host path at `path` instead (paranoid's private copies)
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,12 @@ class SessionPolicy:
     runtime_paths: list[str] = field(default_factory=list)  # agentpen's own: never mounted
     proxy_port: int = 443
     dns_port: int = 53
+    profile_name: str = ""  # what --profile named (a config profile's base is `profile`)
+    # paranoid: the throwaway copy bound at `project` (under runtime_paths' sessions/)
+    project_source: str = ""
+    # resource caps set on the jail before bwrap: {"as": bytes, "nproc": n, "cpu": seconds}
+    rlimits: dict[str, int] = field(default_factory=dict)
+
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -42,7 +42,20 @@ def _main(argv: list[str]) -> int:
         from agentpen.supervisor.audit import audit_verify_main
 
         return audit_verify_main(argv[2:])
-    opts = options.parse_args(argv)
+    if argv[:1] == ["config"]:
+        from agentpen.supervisor.show import config_main
+
+        return config_main(argv[1:], os.environ)
+    if argv[:1] == ["completion"]:
+        from agentpen.supervisor.completion import completion_main
+
+        return completion_main(argv[1:])
+    if argv[:1] == ["man"]:
+        from agentpen.supervisor.manpage import manpage
+
+        sys.stdout.write(manpage())
+        return 0
+    opts = options.parse_args(argv, profiles=None)
     if opts.help:
         sys.stdout.write(options.help_text())
         return 0
@@ -57,19 +70,23 @@ def _main(argv: list[str]) -> int:
         return 0 if all(x.ok for x in layers if x.required) else 1
 
     from agentpen.supervisor import check
+    from agentpen.supervisor.config import apply_config, load_config
     from agentpen.supervisor.resolve import resolve_policy, state_dir
 
+    cfg = load_config(os.environ)
+    apply_config(opts, cfg, opts.explicit)
     check.preflight()
-    policy = resolve_policy(opts, os.environ)
+    policy = resolve_policy(opts, os.environ, config=cfg)
 
     from agentpen.supervisor.audit import AuditStream, open_sinks, setup_console
 
     log = setup_console(opts.log_format, opts.log_level)
     if opts.audit_log and opts.audit_log != "journald":
         _check_audit_not_visible(os.path.abspath(opts.audit_log), policy)
+    sdir_state = state_dir(os.environ, policy.home)
     try:
         sinks = open_sinks(opts.audit_log, opts.audit_fd, session_id=policy.session_id,
-                           state_dir=state_dir(os.environ, policy.home))
+                           state_dir=sdir_state)
     except AgentpenError as exc:
         return _fail(exc, log)
     except Exception as exc:  # AuditSinkError and OSError: refuse, the audit is not optional
@@ -77,15 +94,58 @@ def _main(argv: list[str]) -> int:
     stream = AuditStream(policy.session_id, sinks, chain=opts.audit_chain, failure=opts.audit_failure)
     for sink in sinks:
         log.info("audit log", sink=sink.describe(), session=policy.session_id)
+    if cfg.path:
+        log.info("config file", path=cfg.path)
+
+    from agentpen.supervisor import paranoid
+
+    limits = paranoid.limits_from(opts, paranoid=policy.profile == "paranoid")
+    session_dir = None
+    if limits.rlimits():
+        import dataclasses
+
+        policy = dataclasses.replace(policy, rlimits=limits.rlimits())
+    if policy.profile == "paranoid":
+        try:
+            policy, session_dir = paranoid.prepare(policy, sdir_state)
+        except AgentpenError as exc:
+            stream.close()
+            return _fail(exc, log)
+        log.info("paranoid: the agent works on a throwaway copy of the project",
+                 copy=policy.project_source, project=policy.project)
+    if limits.describe():
+        log.info("resource caps", **limits.describe())
 
     from agentpen.supervisor.session import Session
 
     enforced = {"filesystem": "bwrap", "seccomp": "pyseccomp", "network": "pasta+nftables",
                 "egress": "sni-proxy", "environment": "scrubbed"}
+    if policy.learn:
+        from agentpen.supervisor import learn
+
+        enforced["egress"] = "sni-proxy LEARN MODE: every name allowed and recorded"
+        log.warning(learn.WARNING)
+        stream.emit(learn.start_event(policy), sender="supervisor", pid=os.getpid(), durable=True)
+    if policy.profile == "paranoid":
+        enforced["project"] = "throwaway copy (paranoid)"
+    if limits.describe():
+        enforced["limits"] = ", ".join(f"{k}={v}" for k, v in limits.describe().items())
     session = Session(policy, stream, log, enforced=enforced)
-    status = session.run()
+    timer = paranoid.WallClock(limits.wall_time, session) if limits.wall_time else None
+    try:
+        status = session.run()
+    finally:
+        if timer:
+            timer.cancel()
     if session.outcome.error:
         log.error(session.outcome.error, fix=session.outcome.fix, exit_status=status)
+    paranoid.audit_limits(stream, log, limits, session, timer)
+    if policy.learn:
+        from agentpen.supervisor import learn
+
+        print(learn.summary(session.learned, policy.agent, cfg.path), file=sys.stderr)
+    if session_dir is not None:
+        paranoid.finish(policy, session_dir, opts, stream, log)
     stream.close()
     return status
 

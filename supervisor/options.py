@@ -25,8 +25,14 @@ examples:
                                            admit a wildcard (subdomains only) for a plain command
   agentpen --allow llm.corp --upstream llm.corp=10.0.0.5:443 aider
                                            reach a private LLM gateway (only way to dial a private address)
+  agentpen --learn claude                  egress open, but list the names it needed (then --allow them)
+  agentpen --profile paranoid claude       work on a throwaway copy; apply or discard at the end
+  agentpen config show claude              the effective policy for a command, without running it
   agentpen --check                         report which confinement layers this host can enforce
+  agentpen completion bash|zsh|fish        shell completion script; agentpen man: the man page
   agentpen audit verify FILE               check the hash chain of an --audit-chain log
+
+config: $XDG_CONFIG_HOME/agentpen/config.toml (defaults, agents, profiles); see docs/config.md.
 
 exit status: the command's own; 128+N if it died of signal N; 125 agentpen failed;
 126 command not executable; 127 command not found.
@@ -56,10 +62,18 @@ class Options:
     audit_fd: int | None = None
     audit_failure: str = "deny"
     audit_chain: bool = False
+    learn: bool = False
+    memory: str | None = None
+    max_procs: int | None = None
+    cpu_time: str | None = None
+    wall_time: str | None = None
+    apply: bool = False
+    discard: bool = False
     check: bool = False
     json: bool = False
     version: bool = False
     help: bool = False
+    explicit: set[str] = field(default_factory=set)  # options given on the command line
 
 
 class _Parser(argparse.ArgumentParser):
@@ -87,8 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("-h", "--help", action="store_true", help="show this help and exit")
     a("--version", action="store_true", help="print the version and exit")
-    a("--profile", choices=("untrusted", "paranoid"), default="untrusted",
-      help="confinement profile (default: untrusted)")
+    a("--profile", metavar="NAME", default="untrusted",
+      help="confinement profile: untrusted (default), paranoid (throwaway copy of the project, "
+           "resource caps, read-only agent config), or one defined in the config file")
     a("--agent", metavar="NAME", help="agent registry entry (default: from the command's name)")
     a("--allow", metavar="HOST", action="append", default=[],
       help="also allow TLS to HOST; '*.example.com' matches subdomains only (repeatable)")
@@ -118,6 +133,19 @@ def build_parser() -> argparse.ArgumentParser:
     a("--audit-failure", choices=("halt", "deny", "continue"), default="deny",
       help="when the audit sink fails: stop the session, refuse new connections (default), or go on")
     a("--audit-chain", action="store_true", help="chain audit lines with SHA-256 (see 'audit verify')")
+    a("--learn", action="store_true",
+      help="egress OPEN: allow every name but record the ones the profile would block, and "
+           "print the --allow flags that would admit them (filesystem and seccomp stay on)")
+    a("--memory", metavar="SIZE", help="cap each process's address space, e.g. 4G (paranoid "
+      "default: 8G)")
+    a("--max-procs", metavar="N", type=_positive, help="cap the number of processes (paranoid "
+      "default: 512)")
+    a("--cpu-time", metavar="DURATION", help="cap CPU seconds per process, e.g. 30m (paranoid "
+      "default: 2h)")
+    a("--wall-time", metavar="DURATION", help="end the command after DURATION of wall-clock time, "
+      "e.g. 90m (paranoid default: 4h)")
+    a("--apply", action="store_true", help="paranoid: apply the project changes without asking")
+    a("--discard", action="store_true", help="paranoid: discard the project changes without asking")
     a("--check", action="store_true", help="report which layers this host can enforce, then exit")
     a("--json", action="store_true", help="with --check: machine-readable output")
     a("command", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -134,18 +162,47 @@ def _fd(text: str) -> int:
     return fd
 
 
-def parse_args(argv: list[str]) -> Options:
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return n
+
+
+PROFILES = ("untrusted", "paranoid")
+
+
+def explicit_options(argv: list[str]) -> set[str]:
+    """The option names (dests) given on the command line, before the command."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    ns = parser.parse_args(argv)
+    return {k for k in vars(ns) if k != "command"}
+
+
+def parse_args(argv: list[str], *, profiles: tuple[str, ...] | None = PROFILES,
+               need_command: bool = True) -> Options:
     parser = build_parser()
     ns = parser.parse_args(argv)
     opts = Options(**{k: v for k, v in vars(ns).items() if k in Options.__dataclass_fields__})
+    opts.explicit = explicit_options(argv)
+    if profiles is not None and opts.profile not in profiles:
+        raise UsageError(f"--profile {opts.profile}: unknown profile (known: {', '.join(profiles)}; "
+                         "more can be defined under [profiles.NAME] in the config file)")
+    if opts.apply and opts.discard:
+        raise UsageError("--apply and --discard exclude each other")
     cmd = list(ns.command)
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
     opts.command = cmd
-    if not cmd and not (opts.check or opts.version or opts.help):
+    if need_command and not cmd and not (opts.check or opts.version or opts.help):
         raise UsageError("no command given (try: agentpen claude, or agentpen --help)")
-    if opts.json and not opts.check:
-        raise UsageError("--json only goes with --check")
+    if opts.json and not opts.check and need_command:
+        raise UsageError("--json only goes with --check (and agentpen config show)")
     return opts
 
 

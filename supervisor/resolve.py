@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Mapping
 
 from agentpen.core.policy import Mount, Publish, SessionPolicy, Upstream
+from agentpen.supervisor.config import Config, registry_extra
 from agentpen.supervisor.errors import (
     CommandNotExecutable,
     CommandNotFound,
@@ -64,7 +65,10 @@ def parse_publish(spec: str) -> Publish:
     return Publish(hp, _port(inner, f"--publish {spec!r}") if inner else hp)
 
 
-def resolve_policy(opts: Options, env: Mapping[str, str], *, cwd: str | None = None) -> SessionPolicy:
+def resolve_policy(opts: Options, env: Mapping[str, str], *, cwd: str | None = None,
+                   config: Config | None = None, dry_run: bool = False) -> SessionPolicy:
+    """`config`: the loaded config file (already merged into `opts` by apply_config;
+    here for its [agents.*] tables). `dry_run`: create nothing (for `config show`)."""
     from agentpen.workers.jail import registry as agent_registry
     from agentpen.workers.jail import resolve as command_resolve
     from agentpen.workers.jail.env import scrub_env
@@ -76,11 +80,16 @@ def resolve_policy(opts: Options, env: Mapping[str, str], *, cwd: str | None = N
     user = pw.pw_name
     sdir = state_dir(env, home)
 
-    if opts.profile == "paranoid":
-        # Issue 9 (copy-on-write project, resource caps) is not built yet: refuse rather
-        # than run with less than the user asked for.
-        raise UsageError("--profile paranoid is not available in this version; "
-                         "run with the default untrusted profile or wait for it")
+    config = config or Config()
+    base_profile = config.base_profile(opts.profile) if opts.profile in config.profile_names() \
+        else opts.profile
+    if base_profile not in ("untrusted", "paranoid"):
+        raise UsageError(f"--profile {opts.profile}: unknown profile "
+                         f"(known: {', '.join(config.profile_names())})")
+    if base_profile != "paranoid":
+        for flag, given in (("--apply", opts.apply), ("--discard", opts.discard)):
+            if given:
+                raise UsageError(f"{flag} only goes with --profile paranoid (or a profile based on it)")
 
     # -- project ---------------------------------------------------------------
     project_arg = opts.project or cwd or os.getcwd()
@@ -96,7 +105,10 @@ def resolve_policy(opts: Options, env: Mapping[str, str], *, cwd: str | None = N
         raise UsageError(f"refusing project {project}: it overlaps agentpen's state directory {sdir}")
 
     # -- agent -----------------------------------------------------------------
-    registry = agent_registry.load_registry()
+    try:
+        registry = agent_registry.load_registry(extra=registry_extra(config))
+    except agent_registry.RegistryError as exc:
+        raise UsageError(f"config {config.path}: {exc}") from None
     command_name = opts.command[0]
     if opts.agent is not None:
         if opts.agent not in registry:
@@ -126,7 +138,9 @@ def resolve_policy(opts: Options, env: Mapping[str, str], *, cwd: str | None = N
             raise UsageError(f"--upstream {item!r}: {exc}") from None
         if host.startswith("*."):
             raise UsageError(f"--upstream {item!r}: a pin names one host, not a wildcard")
-        if host not in allow:
+        if host not in allow and not opts.learn:
+            # Learn mode allows every name anyway: a pin for a name outside the
+            # allowlist is how a private upstream is observed before it is admitted.
             raise UsageError(f"--upstream {item!r}: {host} is not allowed; add --allow {host}")
         upstreams.append(Upstream(host, addr, port))
 
@@ -164,6 +178,12 @@ def resolve_policy(opts: Options, env: Mapping[str, str], *, cwd: str | None = N
             # An agent's state directory must persist across runs: create it (0700) the
             # first time rather than let the agent write into the throwaway tmpfs home.
             if cm.mode == "rw" and not os.path.lexists(cm.path):
+                if dry_run:  # `config show`: say what the first run would create and mount
+                    if cm.path.endswith(".json") or not os.path.splitext(cm.path)[1]:
+                        mounts.append(Mount(os.path.abspath(cm.path), cm.mode,
+                                            (cm.why or f"{agent} configuration")
+                                            + " (created at the first run)"))
+                    continue
                 _create_state_path(cm.path)
             add_mount(cm.path, cm.mode, cm.why or f"{agent} configuration", must_exist=False)
     for path in opts.mount:
@@ -200,7 +220,9 @@ def resolve_policy(opts: Options, env: Mapping[str, str], *, cwd: str | None = N
 
     return SessionPolicy(
         session_id=str(uuid.uuid4()),
-        profile=opts.profile,  # type: ignore[arg-type]
+        profile=base_profile,  # type: ignore[arg-type]
+        profile_name=opts.profile,
+        learn=bool(opts.learn),
         agent=agent,
         project=project,
         command=[resolved.path, *opts.command[1:]],

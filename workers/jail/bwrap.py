@@ -68,9 +68,23 @@ def _is_within(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
+def _check_session_source(src: str, what: str, policy: SessionPolicy) -> None:
+    """A bind source other than the target itself: only a paranoid session's private
+    copy, inside <runtime path>/sessions/<id>/ (never the runtime path at large)."""
+    if not os.path.isabs(src) or os.path.normpath(src) != src:
+        raise ValueError(f"{what} source {src!r}: must be an absolute, normalised path")
+    sid = policy.session_id
+    if not any(_is_within(src, os.path.join(rt, "sessions", sid)) and
+               src != os.path.join(rt, "sessions", sid) for rt in policy.runtime_paths):
+        raise ValueError(f"{what} source {src!r}: only this session's own directory "
+                         "(<state>/sessions/<session-id>/) may be bound elsewhere")
+
+
 def check_mount(m: Mount, policy: SessionPolicy) -> None:
     """Refuse, with the reason, a mount that would expose what the jail hides."""
     p = m.path
+    if m.source:
+        _check_session_source(m.source, f"mount {p!r}", policy)
     if not os.path.isabs(p) or os.path.normpath(p) != p:
         raise ValueError(f"mount {p!r}: must be an absolute, normalised path")
     if m.mode not in ("ro", "rw"):
@@ -99,6 +113,8 @@ def check_project(policy: SessionPolicy) -> None:
     for rt in policy.runtime_paths:
         if _is_within(p, rt) or _is_within(rt, p):
             raise ValueError(f"project {p!r}: overlaps agentpen's runtime path {rt}")
+    if policy.project_source:
+        _check_session_source(policy.project_source, "project", policy)
 
 
 def build_bwrap_argv(
@@ -155,17 +171,22 @@ def build_bwrap_argv(
     # $HOME is empty: secrets, sibling repos and dotfiles of the real home stay out.
     a += ["--tmpfs", policy.home]
     for m in policy.mounts:
-        a += ["--bind" if m.mode == "rw" else "--ro-bind", m.path, m.path]
-    # The one writable place.
-    a += ["--bind", policy.project, policy.project]
+        a += ["--bind" if m.mode == "rw" else "--ro-bind", m.source or m.path, m.path]
+    # The one writable place (paranoid: a throwaway copy bound at the project's path).
+    src_root = policy.project_source or policy.project
+
+    def src(path: str) -> str:  # a project path's bind source
+        return src_root + path[len(policy.project):]
+
+    a += ["--bind", src_root, policy.project]
     empty = iter(fds.empty)
     for c in covers:
         if not _is_within(c.path, policy.project) or c.path == policy.project:
             raise ValueError(f"protection cover {c.path} is not inside the project")
         if c.kind == "pin":
-            a += ["--bind", c.path, c.path]  # a mount point cannot be renamed away
+            a += ["--bind", src(c.path), c.path]  # a mount point cannot be renamed away
         elif c.kind == "ro-bind":
-            a += ["--ro-bind", c.path, c.path]
+            a += ["--ro-bind", src(c.path), c.path]
         elif c.kind == "dir":
             a += ["--perms", "0555", "--tmpfs", c.path, "--remount-ro", c.path]
         else:

@@ -14,6 +14,7 @@ import ctypes.util
 import errno
 import fcntl
 import os
+import resource
 import signal
 import struct
 from collections.abc import Sequence
@@ -162,6 +163,23 @@ def keep_only_setfcap() -> None:
         raise JailCapsError(f"capabilities not reduced to CAP_SETFCAP: {left}")
 
 
+RLIMITS = {"as": resource.RLIMIT_AS, "nproc": resource.RLIMIT_NPROC, "cpu": resource.RLIMIT_CPU}
+
+
+def set_rlimits(limits: dict[str, int]) -> None:
+    """The resource caps (--memory, --max-procs, --cpu-time), inherited by bwrap and
+    everything in the sandbox. Soft = hard: the sandbox cannot raise them. An unknown
+    name or a failing setrlimit raises: never exec without a cap that was asked for."""
+    for name, value in limits.items():
+        if name not in RLIMITS:
+            raise ValueError(f"unknown resource limit {name!r}")
+        res = RLIMITS[name]
+        _, hard = resource.getrlimit(res)
+        if hard != resource.RLIM_INFINITY and value > hard:
+            value = hard  # already capped lower by the host: keep the host's
+        resource.setrlimit(res, (value, value))
+
+
 def exec_jail(
     policy: SessionPolicy,
     *,
@@ -223,4 +241,5 @@ def exec_jail(
         except OSError as exc:
             if exc.errno != errno.ENOTTY:  # ENOTTY: a tty, but not our controlling one
                 raise
+    set_rlimits(policy.rlimits)
     os.execve(layout.bwrap, argv, dict(policy.env))  # noqa: S606 - argv is built, no shell
