@@ -14,22 +14,45 @@ the command runs):
      worker, which execs bwrap around the command;
   6. serve DNS for the allowlist, relay bwrap's JSON status (pids, exit code) and
      report the command's exit.
+
+Start-up (issue 10, docs/performance.md): importing pyroute2 costs 120-300 ms of CPU
+here, more than everything else the worker does before "verified". A thread cannot
+overlap it with our own Python work (one GIL), so the worker forks a *verifier* child
+as its first act: the child imports pyroute2 on the other core while this process
+receives CONFIG, imports its modules and loads nft; after the nft read-back the worker
+tells the child to dump, and the child runs ``verify_closed_namespace()`` at the same
+point of the order as before and reports the verified state (or the failure). The
+worker reaps the child before it creates the listeners, so no process holding this
+namespace's capabilities outlives the check; any doubt (no answer, a crash, garbage)
+fails closed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import selectors
 import signal
 import sys
 import time
-import traceback
+from typing import TYPE_CHECKING
 
-from agentpen.core import osutil
-from agentpen.core.channel import Channel, MsgType
-from agentpen.core.events import make_event
-from agentpen.core.policy import SessionPolicy
+if TYPE_CHECKING:
+    from agentpen.core.channel import Channel
+    from agentpen.core.policy import SessionPolicy
+
+
+def _load() -> None:
+    """The worker's own imports, after the verifier child is forked (main()): the
+    child starts importing pyroute2 some 20 ms after exec instead of ~100 ms."""
+    global osutil, MsgType, make_event, Channel, SessionPolicy, selectors, traceback
+    import selectors
+    import traceback
+
+    from agentpen.core import osutil
+    from agentpen.core.channel import Channel, MsgType
+    from agentpen.core.events import make_event
+    from agentpen.core.policy import SessionPolicy
 
 
 class _Fatal(Exception):
@@ -58,7 +81,117 @@ def _wait_for(ch: Channel, mtype: MsgType) -> dict:
             raise _Fatal("shut down by the supervisor before the command started")
 
 
-def setup(ch: Channel, policy: SessionPolicy):
+class Verifier:
+    """pyroute2 verification in a forked child (see the module docstring).
+
+    ``start()`` forks before the worker has threads or opened anything but its
+    inherited descriptors; the child keeps only its two pipes, imports pyroute2, waits
+    for ``dump()``, runs ``verify.verify_closed_namespace()`` and writes one JSON
+    line: ``{"state": ...}`` or ``{"error": what, "fix": how}``. ``result()`` reaps it
+    and returns the state or raises ``_Fatal``."""
+
+    def __init__(self, pid: int, go_w: int, res_r: int) -> None:
+        self.pid, self.go_w, self.res_r = pid, go_w, res_r
+        self.reaped = False
+
+    @classmethod
+    def start(cls) -> Verifier:
+        go_r, go_w = os.pipe2(os.O_CLOEXEC)
+        res_r, res_w = os.pipe2(os.O_CLOEXEC)
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # the verifier child: never returns
+            code = 1
+            try:
+                for name in os.listdir("/proc/self/fd"):  # keep stdio (pasta's) and our pipes
+                    if int(name) not in (0, 1, 2, go_r, res_w):
+                        with contextlib.suppress(OSError):
+                            os.close(int(name))
+                import ctypes
+
+                libc = ctypes.CDLL(None, use_errno=True)
+                libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+                if os.getppid() != parent:
+                    os._exit(1)
+                from agentpen.workers.netns import verify
+                from agentpen.workers.netns.errors import NetnsSetupError
+
+                with contextlib.suppress(ImportError):  # reported by the check: fail closed
+                    import pyroute2  # noqa: F401  # the cost we are here to pay early
+                if os.read(go_r, 1) != b"v":
+                    os._exit(1)  # the worker gave up: nothing to verify
+                try:
+                    out: dict = {"state": verify.verify_closed_namespace()}
+                except NetnsSetupError as exc:
+                    out = {"error": exc.what, "fix": exc.how_to_fix}
+                except Exception as exc:  # reported, never swallowed: fail closed
+                    out = {"error": f"verification failed: {type(exc).__name__}: {exc}"}
+                data = (json.dumps(out) + "\n").encode()
+                while data:
+                    data = data[os.write(res_w, data):]
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(go_r)
+        os.close(res_w)
+        return cls(pid, go_w, res_r)
+
+    def dump(self) -> None:
+        """Tell the child to read links, addresses and routes now."""
+        with contextlib.suppress(OSError):  # the child is gone: result() reports it
+            os.write(self.go_w, b"v")
+        os.close(self.go_w)
+        self.go_w = -1
+
+    def result(self) -> dict:
+        data = b""
+        try:
+            while chunk := os.read(self.res_r, 65536):
+                data += chunk
+        finally:
+            os.close(self.res_r)
+            self.res_r = -1
+            _, status = os.waitpid(self.pid, 0)
+            self.reaped = True
+        if not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0:
+            raise _Fatal(f"the namespace verifier died ({_wait_text(status)}) before reporting")
+        try:
+            out = json.loads(data)
+        except ValueError:
+            raise _Fatal("the namespace verifier sent an unreadable result") from None
+        if not isinstance(out, dict) or ("state" in out) == ("error" in out):
+            raise _Fatal("the namespace verifier sent an unexpected result")
+        if "error" in out:
+            raise _Fatal(str(out["error"]), out.get("fix"))
+        state = out["state"]
+        if not isinstance(state, dict) or state.get("closed") is not True:
+            raise _Fatal("the namespace verifier did not report a closed namespace")
+        return state
+
+    def abandon(self) -> None:
+        """Setup failed elsewhere: end the child and reap it."""
+        if self.go_w >= 0:
+            os.close(self.go_w)  # EOF: the child exits without dumping
+            self.go_w = -1
+        if self.res_r >= 0:
+            os.close(self.res_r)
+            self.res_r = -1
+        if self.reaped:
+            return
+        with contextlib.suppress(OSError):
+            os.kill(self.pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, 0)
+        self.reaped = True
+
+
+def _wait_text(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"signal {os.WTERMSIG(status)}"
+    return f"status {os.WEXITSTATUS(status)}"
+
+
+def setup(ch: Channel, policy: SessionPolicy, verifier: Verifier | None = None):
     """Steps 2-4. Returns the DNS server (already holding its sockets)."""
     from agentpen.workers.netns import fds, listeners, nftables, verify
     from agentpen.workers.netns.dns import DnsServer
@@ -72,7 +205,19 @@ def setup(ch: Channel, policy: SessionPolicy):
         _step(ch, "nftables", "nftables ruleset loaded and read back", t, nftables=nft_state)
 
         t = time.monotonic()
-        net_state = verify.verify_closed_namespace()
+        if verifier is None:
+            net_state = verify.verify_closed_namespace()
+            from agentpen.workers.jail import launch
+
+            launch.seccomp.build_seccomp_program()
+        else:
+            verifier.dump()
+            # While the child reads the namespace: the jail's imports and libseccomp's
+            # first load (they would gate the command's first instruction otherwise).
+            from agentpen.workers.jail import launch
+
+            launch.seccomp.build_seccomp_program()
+            net_state = verifier.result()
         _step(ch, "netns-verified", "namespace verified: nothing but loopback", t,
               network=net_state)
 
@@ -220,12 +365,13 @@ def main(argv: list[str]) -> int:
         return 2
     stdio = [int(x) for x in argv[3].split(",")]
     channel_fd = int(argv[1])
+    # First act: pyroute2's import runs in the verifier child, on the other core,
+    # from here on (the child closes every descriptor but its two pipes at once).
+    verifier = Verifier.start()
+    _load()
     # Keep only what the supervisor gave us: pasta 2023 leaves its own host-side
     # sockets (a --publish listener) inheritable in its child.
-    osutil.close_fds_except({channel_fd, *stdio})
-    from agentpen.workers.netns import verify
-
-    verify.preload_in_background()  # pyroute2's import overlaps the CONFIG round trip and nft
+    osutil.close_fds_except({channel_fd, *stdio, verifier.go_w, verifier.res_r})
     # Die with pasta (and pasta dies with the supervisor): nothing outlives a session.
     osutil.set_pdeathsig(signal.SIGKILL, expected_parent=os.getppid())
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
@@ -234,21 +380,28 @@ def main(argv: list[str]) -> int:
     try:
         config = _wait_for(ch, MsgType.CONFIG)
         policy = SessionPolicy.from_json(config["policy"])
-        from agentpen.workers.jail import launch
         from agentpen.workers.jail.protect import Cover
 
         covers = [Cover(c["path"], c["kind"], c["rel"], c["data"].encode()) for c in config["covers"]]
-        dns = setup(ch, policy)
-        # Pay the jail's imports and libseccomp's first load before "verified", not
-        # after "go" (they gate the command's first instruction otherwise).
-        launch.seccomp.build_seccomp_program()
+        try:
+            # Builds the seccomp program once while the verifier dumps: the jail's
+            # imports and libseccomp's first load are paid before "verified", not
+            # after "go" (they would gate the command's first instruction).
+            dns = setup(ch, policy, verifier)
+        finally:
+            verifier.abandon()  # reaped already on success; never outlives setup
         body = _wait_for(ch, MsgType.CONTROL)
         if body.get("op") != "go":
             raise _Fatal(f"unexpected instruction {body.get('op')!r}")
         jail_pid, status_r = start_jail(policy, stdio, covers)
         ch.send(MsgType.STATUS, {"state": "jail-started", "pid": jail_pid})
         serve(ch, dns, jail_pid, status_r)
-        return 0
+        # Everything is reported and nothing is buffered: skip the interpreter's
+        # teardown (tens of ms of module and GC finalisation that pasta, and so the
+        # session's end, would wait for).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     except _Fatal as exc:
         ch.send(MsgType.STATUS, {"state": "failed", "error": exc.what, "fix": exc.fix})
         return 1

@@ -1,0 +1,201 @@
+"""Start-up: wall time of `agentpen -- true` against the floor its mechanisms impose,
+measured interleaved in the same run, plus where the time goes and peak RSS per process.
+
+    su aptest -c 'cd SOMEDIR && /opt/apvenv/bin/python /work/main/bench/bench_startup.py [--runs N] [--json]'
+
+Floor: `pasta -q -f -t none -u none -T none -U none -- bwrap <the jail's argv> true`,
+where the argv is the one the jail worker execs (workers/jail/bwrap.build_bwrap_argv,
+same policy, layout, covers, seccomp program and staged /etc files, on real fds).
+agentpen: `python -m agentpen.supervisor --audit-log FILE -- true` (the file sink is
+the default kind of sink). Runs alternate floor / agentpen so that noise hits both.
+Phases come from the audit stream's timestamps (wall clock), against the launch time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import (
+    AGENTPEN,
+    audit_events,
+    cmdline,
+    comm,
+    descendants,
+    med,
+    pct,
+    require_unprivileged,
+    status_kib,
+    ts,
+)
+
+PASTA_FLOOR = ["pasta", "-q", "-f", "-t", "none", "-u", "none", "-T", "none", "-U", "none", "--"]
+
+
+class Floor:
+    """The jail's own bwrap argv on real descriptors, run under a bare pasta."""
+
+    def __init__(self, project: Path, allow: list[str]) -> None:
+        from agentpen.supervisor import options
+        from agentpen.supervisor.resolve import resolve_policy
+        from agentpen.workers.jail import bwrap, seccomp
+        from agentpen.workers.jail.launch import jail_covers, open_data_fd
+        from agentpen.workers.jail.layout import detect_layout
+
+        cwd = os.getcwd()
+        os.chdir(project)
+        try:
+            opts = options.parse_args([*(f"--allow={a}" for a in allow), "--", "true"])
+            self.policy = resolve_policy(opts, os.environ)
+        finally:
+            os.chdir(cwd)
+        layout = detect_layout()
+        covers = jail_covers(self.policy)
+        self.status_r, status_w = os.pipe()
+        os.set_blocking(self.status_r, False)
+        fds = bwrap.JailFds(
+            seccomp=open_data_fd("seccomp", seccomp.build_seccomp_program()),
+            json_status=status_w,
+            hosts=open_data_fd("hosts", bwrap.hosts_file().encode()),
+            resolv=open_data_fd("resolv", bwrap.resolv_conf().encode()),
+            nsswitch=open_data_fd("nsswitch", bwrap.nsswitch_conf(layout.nsswitch).encode()),
+            empty=tuple(open_data_fd("placeholder", c.data) for c in covers if c.kind == "file"),
+        )
+        self.fds = [fds.seccomp, fds.json_status, fds.hosts, fds.resolv, fds.nsswitch, *fds.empty]
+        self.argv = PASTA_FLOOR + bwrap.build_bwrap_argv(self.policy, layout, fds, covers)
+        self.env = dict(self.policy.env)
+        self.cwd = str(project)
+
+    def run(self) -> float:
+        # The seccomp and data memfds are read by bwrap from offset 0 each time.
+        for fd in self.fds:
+            with contextlib.suppress(OSError):
+                os.lseek(fd, 0, os.SEEK_SET)
+        t0 = time.perf_counter()
+        subprocess.run(self.argv, pass_fds=self.fds, env=self.env, cwd=self.cwd, check=True,
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        dt = time.perf_counter() - t0
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self.status_r, 65536):
+                pass
+        return dt
+
+
+def agentpen_argv(audit: Path, allow: list[str], command: list[str]) -> list[str]:
+    return [*AGENTPEN, "--log-format", "json", "--log-level", "warning", "--audit-log", str(audit),
+            *(f"--allow={a}" for a in allow), "--", *command]
+
+
+def run_agentpen(project: Path, tmp: Path, allow: list[str], i: int) -> tuple[float, dict[str, float]]:
+    audit = tmp / f"audit-{i}.jsonl"
+    t_wall = time.time()
+    t0 = time.perf_counter()
+    subprocess.run(agentpen_argv(audit, allow, ["true"]), cwd=project, check=True,
+                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    dt = time.perf_counter() - t0
+    phases: dict[str, float] = {}
+    for e in audit_events(audit):
+        action = e["event"]["action"]
+        step = e.get("agentpen", {}).get("step")
+        key = f"{action}:{step}" if step else action
+        phases.setdefault(key, (ts(e) - t_wall) * 1000)
+    audit.unlink()
+    return dt, phases
+
+
+def peak_rss(project: Path, tmp: Path) -> dict[str, float]:
+    """VmHWM (MiB) of each process of a session, read while `sleep 1` runs in it."""
+    audit = tmp / "audit-rss.jsonl"
+    p = subprocess.Popen(agentpen_argv(audit, [], ["sleep", "1.5"]), cwd=project,
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out: dict[str, float] = {}
+    try:
+        time.sleep(1.0)
+        out["supervisor"] = status_kib(p.pid, "VmHWM") / 1024
+        for pid in descendants(p.pid):
+            name, argv = comm(pid), cmdline(pid)
+            if "agentpen.workers.netns" in argv:
+                role = "netns worker"
+            elif name.startswith("passt") or name == "pasta":
+                role = "pasta"
+            elif "agentpen-proxy" in " ".join(argv) or (name.startswith("python") and pid in _kids(p.pid)):
+                role = "proxy worker"
+            else:
+                continue
+            with contextlib.suppress(OSError, KeyError):
+                out[role] = status_kib(pid, "VmHWM") / 1024
+    finally:
+        p.wait(10)
+        audit.unlink(missing_ok=True)
+    return out
+
+
+def _kids(pid: int) -> list[int]:
+    from _common import children
+    return children(pid)
+
+
+def measure(runs: int, allow: list[str] | None = None, rss: bool = True) -> dict:
+    allow = allow or []
+    with tempfile.TemporaryDirectory(prefix="bench-startup-") as d:
+        tmp = Path(d)
+        project = tmp / "project"
+        project.mkdir()
+        floor = Floor(project, allow)
+        floor.run()  # warm caches (page cache, pasta --help cache is per process anyway)
+        run_agentpen(project, tmp, allow, -1)
+        f_times, a_times, phases = [], [], []
+        for i in range(runs):
+            f_times.append(floor.run())
+            dt, ph = run_agentpen(project, tmp, allow, i)
+            a_times.append(dt)
+            phases.append(ph)
+        res = {
+            "runs": runs,
+            "allowlist": len(allow),
+            "floor_ms_p50": med(f_times) * 1000,
+            "floor_ms_min": min(f_times) * 1000,
+            "agentpen_ms_p50": med(a_times) * 1000,
+            "agentpen_ms_min": min(a_times) * 1000,
+            "agentpen_ms_p90": pct(a_times, 0.9) * 1000,
+            "ratio_p50": med(a_times) / med(f_times),
+            "ratio_min": min(a_times) / min(f_times),
+        }
+        keys = sorted({k for ph in phases for k in ph}, key=lambda k: med(ph[k] for ph in phases if k in ph))
+        res["phases_ms_p50"] = {k: round(med(ph[k] for ph in phases if k in ph), 1) for k in keys}
+        if rss:
+            res["peak_rss_MiB"] = {k: round(v, 1) for k, v in peak_rss(project, tmp).items()}
+    return res
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=15)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    require_unprivileged()
+    res = measure(args.runs)
+    if args.json:
+        print(json.dumps(res, indent=1))
+        return 0
+    print(f"start-up, {args.runs} runs interleaved")
+    for k in ("floor_ms_p50", "floor_ms_min", "agentpen_ms_p50", "agentpen_ms_min", "agentpen_ms_p90",
+              "ratio_p50", "ratio_min"):
+        print(f"  {k:<22} {res[k]:10.2f}")
+    print("  phases (ms after launch, p50):")
+    for k, v in res["phases_ms_p50"].items():
+        print(f"    {k:<44} {v:8.1f}")
+    print("  peak RSS (MiB):", res.get("peak_rss_MiB"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
