@@ -691,3 +691,15 @@ def test_events_validate_against_the_audit_schema() -> None:
         line = json.loads(json.dumps(rec))
         jsonschema.validate(line, schema)
         assert "rejected" not in line.get("agentpen", {}), line
+
+
+def test_no_ack_times_out_and_closes() -> None:
+    up = RawUpstream(lambda conn: None)
+    up.start()
+    with running_worker(make_policy(["api.example.com"], pinned(up.port)), ack_timeout=0.5) as w:
+        w.sup.hold = True  # the supervisor never answers (stuck audit sink)
+        t0 = time.monotonic()
+        assert _blocked(w, python_ssl_hello("api.example.com")) == b""
+        assert 0.4 < time.monotonic() - t0 < 5
+        assert up.accepted == 0
+    up.close()
