@@ -404,9 +404,8 @@ def finish(policy: SessionPolicy, sdir: str, opts: Any, stream: Any, log: Any) -
         f"{len(ch.deleted)} deleted: {decision}",
         level="warning" if failed else "info", category=["file"], type=["change"],
         outcome="failure" if failed else "success", reason=decision,
-        file={"directory": policy.project},
-        agentpen={"decision": decision, "added": ch.added[:200], "changed": ch.changed[:200],
-                  "deleted": ch.deleted[:200], "failed": failed[:200],
+        agentpen={"project": policy.project, "decision": decision, "added": ch.added[:200],
+                  "changed": ch.changed[:200], "deleted": ch.deleted[:200], "failed": failed[:200],
                   "kept": sdir if decision == "keep" else None},
     ), sender="supervisor", pid=os.getpid(), durable=True)
     if decision != "keep" and not failed:

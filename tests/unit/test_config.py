@@ -145,26 +145,26 @@ def test_config_reaches_the_policy(tmp_path):
         [agents.sh]
         commands = ["sh"]
         hosts = ["sh-agent.example"]
-        env = ["SH_TOKEN"]
+        env = ["SH_VAR"]
     """)
-    env["SH_TOKEN"] = "s3cret"
+    env["SH_VAR"] = "s3cret"
     cfg = load_config(env)
     o = parse_args(["sh", "-c", "true"], profiles=None)
     apply_config(o, cfg, o.explicit)
     p = resolve_policy(o, env, cwd=str(Path(env["HOME"]) / "proj"), config=cfg, dry_run=True)
     assert p.agent == "sh" and p.allow == ["sh-agent.example", "d.example"]
-    assert p.env["SH_TOKEN"] == "s3cret"
+    assert p.env["SH_VAR"] == "s3cret"
 
 
 def test_config_show_names_env_but_never_values(tmp_path, monkeypatch):
-    env = _write(tmp_path, '[agents.sh]\ncommands = ["sh"]\nhosts = ["a.example"]\nenv = ["SH_TOKEN"]\n'
+    env = _write(tmp_path, '[agents.sh]\ncommands = ["sh"]\nhosts = ["a.example"]\nenv = ["SH_VAR"]\n'
                            'mounts = [{ path = "~/.shtool", mode = "rw", why = "tool state" }]\n')
-    env["SH_TOKEN"] = "value-must-not-show"
+    env["SH_VAR"] = "value-must-not-show"
     proj = Path(env["HOME"]) / "proj"
     info = effective(["--allow", "b.example", "sh", "-c", "true"], env, cwd=str(proj))
     text = render(info)
     dumped = json.dumps(info)
-    assert "SH_TOKEN" in text and "value-must-not-show" not in text + dumped
+    assert "SH_VAR" in text and "value-must-not-show" not in text + dumped
     assert info["allow"] == ["a.example", "b.example"]
     assert any(m["path"] == str(proj) and m["mode"] == "rw" for m in info["mounts"])
     assert any("tool state" in m["why"] and "created at the first run" in m["why"] for m in info["mounts"])
