@@ -396,6 +396,8 @@ class Connection(asyncio.Protocol):
             self._peek(data)
             return
         self._peek(data)
+        if self.closing:
+            return
         try:
             hello = self.parser.feed(data)
         except ClientHelloError as exc:
