@@ -218,10 +218,10 @@ def op_run(argv: list[str], timeout: float = 20, **_: object) -> dict:
     return {"ok": p.returncode == 0, "rc": p.returncode, "out": p.stdout[-2000:], "err": p.stderr[-2000:]}
 
 
-def op_getaddrinfo(name: str, **_: object) -> dict:
+def op_getaddrinfo(host: str, **_: object) -> dict:
     t0 = time.monotonic()
     try:
-        infos = socket.getaddrinfo(name, 443, type=socket.SOCK_STREAM)
+        infos = socket.getaddrinfo(host, 443, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         return {"ok": False, "errno": exc.errno, "error": str(exc), "secs": time.monotonic() - t0}
     return {"ok": True, "addrs": sorted({i[4][0] for i in infos}), "secs": time.monotonic() - t0}
