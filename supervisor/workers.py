@@ -7,10 +7,12 @@ from its own workers, checks who sent them (SCM_CREDENTIALS) and acts on them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -25,10 +27,73 @@ CRASH_LOOP_WINDOW = 30.0
 RESTART_BACKOFF = (0.0, 0.05, 0.1, 0.2, 0.4)
 
 
+class _Preload:
+    """Imports in a daemon thread while the supervisor waits (issue 10).
+
+    ``multiprocess`` (~30 ms here) is needed to fork the proxy worker, and the FDS
+    message that asks for the fork arrives just before "verified": imported on
+    demand, it delays the "go" that starts the command. ``after_fork`` modules
+    (the proxy server: uvloop, pyseccomp) are imported once the first proxy runs,
+    so that a restart forks from an initialised supervisor (crash to first accept).
+    ``join()`` before every fork: no thread may hold the import lock across it."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+
+    def start(self, *modules: str) -> None:
+        self.join()
+
+        def run() -> None:
+            import importlib
+
+            for name in modules:
+                with contextlib.suppress(Exception):  # imported again, and reported, at use
+                    importlib.import_module(name)
+
+        self._thread = threading.Thread(target=run, name="agentpen-preload", daemon=True)
+        self._thread.start()
+
+    def join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+
+PRELOAD = _Preload()
+
+
 def minimal_env() -> dict[str, str]:
     """What pasta and the netns worker get: nothing of the user's environment (the
     sandbox's own environment travels in the policy, over the channel)."""
     return {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin", "LANG": "C.UTF-8"}
+
+
+class _PidfdPopen(subprocess.Popen):
+    """Popen whose ``wait(timeout)`` sleeps on a pidfd instead of polling.
+
+    CPython's POSIX ``wait(timeout)`` polls waitpid with sleeps doubling up to 50 ms,
+    which adds 5-30 ms to the session's end (pasta exits ~10 ms after its child). The
+    object is the one ``spawn_pasta`` made (its class swapped: no new state)."""
+
+    def _wait(self, timeout):  # type: ignore[no-untyped-def]
+        if self.returncode is None and timeout is not None and timeout > 0:
+            import select
+
+            try:
+                pidfd = os.pidfd_open(self.pid)
+            except OSError:
+                pidfd = -1  # already reaped or no pidfd: CPython's own loop below
+            if pidfd >= 0:
+                try:
+                    poller = select.poll()
+                    poller.register(pidfd, select.POLLIN)
+                    poller.poll(max(0, int(timeout * 1000)))
+                finally:
+                    os.close(pidfd)
+                if self.poll() is None:
+                    raise subprocess.TimeoutExpired(self.args, timeout)
+                return self.returncode
+        return super()._wait(timeout)
 
 
 @dataclass
@@ -62,14 +127,16 @@ class NetnsWorker:
             for fd in stdio:
                 os.close(fd)
         os.set_blocking(proc.stderr.fileno(), False)  # type: ignore[union-attr]
+        if type(proc) is subprocess.Popen:
+            proc.__class__ = _PidfdPopen
+        # Signals are blocked for the signalfd by now: the thread inherits the mask.
+        PRELOAD.start("multiprocess")
         return cls(proc, sup)
 
     def kill(self) -> None:
         if self.pasta.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.pasta.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 def _proxy_entry(channel_fd: int, listen_fds: list[int], policy_json: dict, incarnation: int) -> None:
@@ -107,6 +174,7 @@ class ProxySupervisor:
     restart_at: float | None = None
 
     def start(self) -> ProxyWorker:
+        PRELOAD.join()  # never fork while another thread may hold the import lock
         import multiprocess
 
         ctx = multiprocess.get_context("fork")
@@ -122,6 +190,10 @@ class ProxySupervisor:
         wk.close()
         self.current = ProxyWorker(proc, sup, self.incarnations, time.monotonic(), proc.pid)
         self.restart_at = None
+        if self.incarnations == 1:
+            # Off the start-up path (the command is starting): a restart then forks a
+            # worker that has uvloop and libseccomp loaded already.
+            PRELOAD.start("agentpen.workers.proxy.server")
         return self.current
 
     def on_exit(self, now: float) -> tuple[int | None, int | None, bool]:
@@ -137,10 +209,10 @@ class ProxySupervisor:
             self.exits.popleft()
         if len(self.exits) >= CRASH_LOOP_COUNT:
             self.fail_closed()
-            return _split_status(code) + (True,)
+            return (*_split_status(code), True)
         delay = RESTART_BACKOFF[min(len(self.exits), len(RESTART_BACKOFF)) - 1]
         self.restart_at = now + delay
-        return _split_status(code) + (False,)
+        return (*_split_status(code), False)
 
     def fail_closed(self) -> None:
         """Egress stops for good: close the listening sockets so connections are
@@ -148,10 +220,8 @@ class ProxySupervisor:
         self.failed_closed = True
         self.restart_at = None
         for fd in self.listen_fds:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
         self.listen_fds = []
 
     def stop(self, timeout: float = 2.0) -> None:
@@ -160,10 +230,8 @@ class ProxySupervisor:
         cur = self.current
         if cur is None:
             return
-        try:
+        with contextlib.suppress(OSError):
             cur.channel.send(MsgType.CONTROL, {"op": "shutdown"})
-        except OSError:
-            pass
         cur.process.join(timeout)  # type: ignore[attr-defined]
         if cur.process.is_alive():  # type: ignore[attr-defined]
             os.kill(cur.pid, signal.SIGKILL)
