@@ -64,7 +64,89 @@ _PKG = {
 
 def install_fix(tool: str, family: str | None = None) -> str:
     family = family or distro()
+    if family == "unknown":
+        return "; ".join(f"{name}: {_INSTALL[f].format(**_PKG[tool])}"
+                         for name, f in (("Debian/Ubuntu", "debian"), ("Fedora", "fedora"),
+                                         ("Arch", "arch"), ("NixOS", "nixos")))
     return _INSTALL[family].format(**_PKG[tool])
+
+
+def _sysctl_fix(setting: str, family: str) -> str:
+    key, value = setting.split("=")
+    if family == "nixos":
+        return (f'set boot.kernel.sysctl."{key}" = {value}; in configuration.nix, then '
+                "sudo nixos-rebuild switch")
+    return (f"echo '{setting}' | sudo tee /etc/sysctl.d/60-agentpen.conf && sudo sysctl --system")
+
+
+APPARMOR_PROFILE = (
+    "abi <abi/4.0>,\\ninclude <tunables/global>\\nprofile agentpen-{name} {path} flags=(unconfined) "
+    "{{\\n  userns,\\n  include if exists <local/agentpen-{name}>\\n}}\\n"
+)
+
+
+def apparmor_fix(bwrap: str = "/usr/bin/bwrap") -> str:
+    """Ubuntu 24.04+: let exactly bwrap create user namespaces (an AppArmor profile),
+    rather than lifting the restriction for every program. pasta needs none: the
+    passt package's own AppArmor profile allows it (`userns,`)."""
+    prof = APPARMOR_PROFILE.format(name="bwrap", path=bwrap)
+    return (f"printf '{prof}' | sudo tee /etc/apparmor.d/agentpen-bwrap && "
+            "sudo apparmor_parser -r /etc/apparmor.d/agentpen-bwrap  (or, for every program: "
+            + _sysctl_fix("kernel.apparmor_restrict_unprivileged_userns=0", "ubuntu") + ")")
+
+
+def userns_fix(reason: str, family: str | None = None) -> str:
+    """reason: 'apparmor' | 'clone' (Debian/Arch-hardened sysctl) | 'max' | 'kernel'."""
+    family = family or distro()
+    if reason == "apparmor":
+        return apparmor_fix(_which("bwrap") or "/usr/bin/bwrap")
+    if reason == "clone":
+        if family == "nixos":
+            return ("set security.unprivilegedUsernsClone = true; in configuration.nix (hardened "
+                    "kernel), then sudo nixos-rebuild switch")
+        fix = _sysctl_fix("kernel.unprivileged_userns_clone=1", family)
+        if family == "arch":
+            fix += " (linux-hardened; or boot the stock linux kernel)"
+        return fix
+    if reason == "max":
+        return _sysctl_fix("user.max_user_namespaces=15000", family)
+    return {
+        "nixos": "use a kernel with CONFIG_USER_NS=y (the default NixOS kernels have it)",
+        "fedora": "use the stock Fedora kernel (CONFIG_USER_NS=y)",
+        "arch": "use the stock linux kernel, or on linux-hardened: "
+                + _sysctl_fix("kernel.unprivileged_userns_clone=1", "arch"),
+    }.get(family, "use a kernel built with CONFIG_USER_NS=y, and check "
+                  "kernel.unprivileged_userns_clone / user.max_user_namespaces")
+
+
+def tun_fix(err: int | None, family: str | None = None, *, in_container: bool = False) -> str:
+    """/dev/net/tun missing (ENOENT/ENODEV: module not loaded) or not openable (EACCES/EPERM)."""
+    import errno as _errno
+
+    family = family or distro()
+    if in_container:
+        return ("agentpen runs inside a container: start it with the device, e.g. "
+                "docker run --device /dev/net/tun ... (podman: --device /dev/net/tun)")
+    if err in (_errno.ENOENT, _errno.ENODEV, _errno.ENXIO):
+        if family == "nixos":
+            return 'add "tun" to boot.kernelModules in configuration.nix, then sudo nixos-rebuild switch'
+        return ("sudo modprobe tun && echo tun | sudo tee /etc/modules-load.d/agentpen-tun.conf "
+                "(loads it now and at every boot)")
+    if family == "nixos":
+        return ("add services.udev.extraRules = ''KERNEL==\"tun\", MODE=\"0666\"''; to "
+                "configuration.nix, then sudo nixos-rebuild switch")
+    return ("sudo chmod 0666 /dev/net/tun && echo 'KERNEL==\"tun\", MODE=\"0666\"' | "
+            "sudo tee /etc/udev/rules.d/60-agentpen-tun.rules && sudo udevadm control --reload "
+            "(0666 is its usual mode; the rule keeps it after a reboot)")
+
+
+def nft_kernel_fix(family: str | None = None) -> str:
+    family = family or distro()
+    if family == "nixos":
+        return ('add "nf_tables" to boot.kernelModules and pkgs.nftables to '
+                "environment.systemPackages, then sudo nixos-rebuild switch")
+    return ("sudo modprobe nf_tables && echo nf_tables | sudo tee /etc/modules-load.d/agentpen-nft.conf; "
+            + install_fix("nft", family))
 
 
 def _which(name: str) -> str | None:
@@ -86,28 +168,48 @@ def check_not_root() -> Layer:
     return Layer("unprivileged user", True, f"uid {os.geteuid()}")
 
 
+def in_container() -> bool:
+    return os.path.exists("/.dockerenv") or os.path.exists("/run/.containerenv") or \
+        (_read("/proc/1/environ") or "").find("container=") >= 0
+
+
 def check_userns_sysctls() -> Layer:
     """Cheap: the sysctls that forbid unprivileged user namespaces."""
-    if _read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns") == "1":
-        fix = ("Ubuntu 24.04+ restricts unprivileged user namespaces through AppArmor. Allow them "
-               "for bwrap and pasta with an AppArmor profile (e.g. /etc/apparmor.d/bwrap-userns-restrict "
-               "from the bubblewrap package: sudo apparmor_parser -r /etc/apparmor.d/bwrap-userns-restrict), "
-               "or system-wide: echo 'kernel.apparmor_restrict_unprivileged_userns=0' | "
-               "sudo tee /etc/sysctl.d/60-userns.conf && sudo sysctl --system")
-        # Profiles may still grant bwrap/pasta the right: the probe decides.
-        return Layer("user namespaces", True, "AppArmor restricts unprivileged user namespaces "
-                     "(kernel.apparmor_restrict_unprivileged_userns=1); allowed only through profiles",
-                     fix)
     if _read("/proc/sys/kernel/unprivileged_userns_clone") == "0":
         return Layer("user namespaces", False, "kernel.unprivileged_userns_clone=0",
-                     "echo 'kernel.unprivileged_userns_clone=1' | sudo tee /etc/sysctl.d/60-userns.conf "
-                     "&& sudo sysctl --system")
+                     userns_fix("clone"))
     mx = _read("/proc/sys/user/max_user_namespaces")
     if mx is not None and mx.isdigit() and int(mx) == 0:
-        return Layer("user namespaces", False, "user.max_user_namespaces=0",
-                     "echo 'user.max_user_namespaces=15000' | sudo tee /etc/sysctl.d/60-userns.conf "
-                     "&& sudo sysctl --system")
+        return Layer("user namespaces", False, "user.max_user_namespaces=0", userns_fix("max"))
+    if _read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns") == "1":
+        # Profiles may still grant bwrap/pasta the right: check_apparmor_userns decides.
+        return Layer("user namespaces", True, "AppArmor restricts unprivileged user namespaces "
+                     "(kernel.apparmor_restrict_unprivileged_userns=1); allowed only through profiles",
+                     userns_fix("apparmor"))
     return Layer("user namespaces", True, f"allowed (max_user_namespaces={mx})")
+
+
+def check_apparmor_userns() -> Layer:
+    """Ubuntu 24.04+: with kernel.apparmor_restrict_unprivileged_userns=1 an unconfined
+    program still gets a user namespace, but without capabilities in it: bwrap and
+    pasta then fail to set it up. Run bwrap as agentpen will to see whether a profile
+    grants it the right."""
+    name = "AppArmor userns"
+    if _read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns") != "1":
+        return Layer(name, True, "no AppArmor user-namespace restriction", required=False)
+    bwrap = _which("bwrap")
+    if not bwrap:
+        return Layer(name, False, "restricted, and bwrap is not installed to test", userns_fix("apparmor"))
+    try:
+        r = subprocess.run([bwrap, "--unshare-user", "--unshare-net", "--ro-bind", "/", "/", "true"],
+                           capture_output=True, text=True, timeout=10, check=False)
+        ok, err = r.returncode == 0, r.stderr.strip()
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        ok, err = False, str(exc)
+    if ok:
+        return Layer(name, True, "restricted, but bwrap's AppArmor profile allows user namespaces")
+    return Layer(name, False, f"kernel.apparmor_restrict_unprivileged_userns=1 and bwrap has no "
+                 f"profile allowing user namespaces ({err or 'bwrap failed'})", userns_fix("apparmor"))
 
 
 def check_userns_probe() -> Layer:
@@ -122,8 +224,7 @@ def check_userns_probe() -> Layer:
     if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
         return Layer("user namespaces", True, "an unprivileged user+network namespace was created")
     return Layer("user namespaces", False, "creating an unprivileged user namespace failed"
-                 + (f": {base.detail}" if base.detail else ""), base.fix or
-                 "enable unprivileged user namespaces in the kernel (CONFIG_USER_NS) and sysctls")
+                 + (f": {base.detail}" if base.detail else ""), base.fix or userns_fix("kernel"))
 
 
 def _version(path: str, flag: str = "--version") -> str:
@@ -164,15 +265,20 @@ def check_pasta(*, probe: bool) -> Layer:
         return Layer("pasta", False, str(exc), install_fix("pasta"))
 
 
+def _open_tun() -> None:
+    fd = os.open("/dev/net/tun", os.O_RDWR)
+    os.close(fd)
+
+
 def check_tun() -> Layer:
     try:
-        fd = os.open("/dev/net/tun", os.O_RDWR)
-        os.close(fd)
+        _open_tun()
         return Layer("/dev/net/tun", True, "readable and writable")
     except OSError as exc:
-        return Layer("/dev/net/tun", False, f"cannot open /dev/net/tun: {exc.strerror}",
-                     "sudo chmod 0666 /dev/net/tun (its usual mode; make it stick with a udev rule: "
-                     "KERNEL==\"tun\", MODE=\"0666\" in /etc/udev/rules.d/60-tun.rules)")
+        missing = not os.path.exists("/dev/net/tun")
+        what = "/dev/net/tun does not exist" if missing else f"cannot open /dev/net/tun: {exc.strerror}"
+        return Layer("/dev/net/tun", False, what + " (pasta needs it for the sandbox's network)",
+                     tun_fix(exc.errno, in_container=in_container()))
 
 
 def check_nft(*, probe: bool) -> Layer:
@@ -199,7 +305,7 @@ def check_nft(*, probe: bool) -> Layer:
                 f.write(f"0 {gid} 1")
             os.dup2(w, 1)
             os.dup2(w, 2)
-            os.execv(path, [path, "add", "table", "inet", "agentpen_check"])
+            os.execv(path, [path, "add", "table", "inet", "agentpen_check"])  # noqa: S606
         except BaseException:
             os._exit(4)
     os.close(w)
@@ -214,8 +320,9 @@ def check_nft(*, probe: bool) -> Layer:
     if code == 3:
         return Layer("nftables", False, "cannot create a user namespace to test nft",
                      check_userns_sysctls().fix)
-    return Layer("nftables", False, f"nft failed inside a user namespace: {out.decode(errors='replace').strip()}",
-                 "make sure the kernel has nf_tables (modprobe nf_tables) and " + install_fix("nft"))
+    return Layer("nftables", False,
+                 f"nft failed inside a user namespace: {out.decode(errors='replace').strip()}",
+                 nft_kernel_fix())
 
 
 def check_seccomp() -> Layer:
@@ -239,9 +346,14 @@ def check_env_default_signal() -> Layer:
             rc = 1
         if rc == 0:
             return Layer("terminal signals", True, f"{env} --default-signal")
+    fam = distro()
+    fix = {"debian": "sudo apt-get install -y coreutils (Debian 11+ / Ubuntu 20.04+ ship >= 8.31)",
+           "ubuntu": "sudo apt-get install -y coreutils (Ubuntu 20.04+ ships >= 8.31)",
+           "fedora": "sudo dnf install -y coreutils", "arch": "sudo pacman -S --needed coreutils",
+           "nixos": "add pkgs.coreutils to environment.systemPackages"}.get(
+               fam, "install GNU coreutils >= 8.31")
     return Layer("terminal signals", False, "GNU env with --default-signal (coreutils >= 8.31) is "
-                 "needed so Ctrl-C reaches the command and not bubblewrap",
-                 "install GNU coreutils >= 8.31")
+                 "needed so Ctrl-C reaches the command and not bubblewrap", fix)
 
 
 def check_kernel() -> Layer:
@@ -257,6 +369,7 @@ def full_report() -> list[Layer]:
         check_kernel(),
         check_not_root(),
         check_userns_probe(),
+        check_apparmor_userns(),
         check_bwrap(probe=True),
         check_pasta(probe=True),
         check_tun(),
@@ -268,27 +381,41 @@ def full_report() -> list[Layer]:
 
 def preflight() -> None:
     """The cheap checks of a normal run. Raises LayerUnavailable on the first gap."""
+    # check_apparmor_userns forks bwrap only where the AppArmor restriction is on.
     for layer in (check_not_root(), check_kernel(), check_userns_sysctls(), check_bwrap(probe=False),
-                  check_pasta(probe=False), check_tun(), check_nft(probe=False)):
+                  check_apparmor_userns(), check_pasta(probe=False), check_tun(), check_nft(probe=False)):
         if not layer.ok:
             raise LayerUnavailable(f"{layer.name}: {layer.detail}", fix=layer.fix)
 
 
-def render(layers: list[Layer], *, as_json: bool, color: bool) -> str:
+_FAMILY_NAME = {"debian": "Debian", "ubuntu": "Ubuntu", "fedora": "Fedora/RHEL", "arch": "Arch",
+                "nixos": "NixOS", "unknown": "unknown distribution"}
+
+
+def render(layers: list[Layer], *, as_json: bool, color: bool, family: str | None = None) -> str:
+    family = family or distro()
     if as_json:
         return json.dumps({"ok": all(x.ok for x in layers if x.required),
-                           "distro": distro(), "layers": [asdict(x) for x in layers]}, indent=2)
-    width = max(len(x.name) for x in layers)
-    lines = []
+                           "distro": family, "layers": [asdict(x) for x in layers]}, indent=2)
+
+    def paint(text: str, code: str) -> str:
+        return f"\033[{code}m{text}\033[0m" if color else text
+
+    width = max(len(x.name) for x in [*layers, Layer("LAYER", True, "")])
+    lines = [f"agentpen --check on {_FAMILY_NAME.get(family, family)} ({platform.release()})", "",
+             paint(f"{'LAYER'.ljust(width)}  {'STATUS':<8} DETAIL", "1")]
     for x in layers:
-        mark = "ok" if x.ok else "MISSING"
-        if color:
-            mark = f"\033[32m{mark}\033[0m" if x.ok else f"\033[31m{mark}\033[0m"
-        lines.append(f"{x.name.ljust(width)}  {mark:<7}  {x.detail}")
+        if x.ok:
+            mark = paint(f"{'ok':<8}", "32")
+        elif x.required:
+            mark = paint(f"{'MISSING':<8}", "1;31")
+        else:
+            mark = paint(f"{'optional':<8}", "33")
+        lines.append(f"{x.name.ljust(width)}  {mark} {x.detail}")
         if x.fix and not x.ok:
-            lines.append(f"{'':{width}}  fix:     {x.fix}")
+            lines.append(f"{'':{width}}  {paint('fix:', '36'):<8} {x.fix}")
     verdict = all(x.ok for x in layers if x.required)
     lines.append("")
-    lines.append("all layers can be enforced" if verdict else
-                 "agentpen will refuse to run until the MISSING layers are fixed")
+    lines.append(paint("all layers can be enforced", "32") if verdict else
+                 paint("agentpen will refuse to run until the MISSING layers are fixed", "31"))
     return "\n".join(lines)
