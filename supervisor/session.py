@@ -88,6 +88,12 @@ class Session:
         return seq
 
     def _check_audit_health(self) -> None:
+        failing = bool(getattr(self.audit, "failing", False))
+        if failing != getattr(self, "_audit_was_failing", False):
+            self._audit_was_failing = failing
+            if failing and self.audit.healthy:  # --audit-failure continue: say what is lost
+                self.log.error("audit sink failing; continuing without it (--audit-failure continue): "
+                               "events are lost until it recovers")
         healthy = self.audit.healthy
         if healthy == getattr(self, "_audit_was_healthy", True):
             return
@@ -300,8 +306,12 @@ class Session:
                 category=["network", "configuration"], type=["info"], outcome="success",
                 agentpen={"network": body.get("network"), "nftables": body.get("nftables")},
             ), durable=True)
-            # The session start is on disk (emitted durably before pasta started).
-            self.netns.channel.send(MsgType.CONTROL, {"op": "go"})  # type: ignore[union-attr]
+            # The session start is on disk (emitted durably before this point).
+            try:
+                self.netns.channel.send(MsgType.CONTROL, {"op": "go"})  # type: ignore[union-attr]
+            except OSError:
+                self.outcome.error = "the netns worker went away before the command started"
+                self.done = True
         elif state == "jail-started":
             # The netns worker lives in pasta's pid namespace: its pids are not ours.
             # Find the host pid from the process tree (the jail is its only child).
@@ -398,7 +408,8 @@ class Session:
         if restart:
             self.log.warning("proxy worker restarted", pid=w.pid, restarts=self.counters.proxy_restarts)
         if not self.audit.healthy:
-            w.channel.send(MsgType.CONTROL, {"op": "deny-new"})
+            with contextlib.suppress(OSError):  # a worker dead at birth is seen by its pidfd
+                w.channel.send(MsgType.CONTROL, {"op": "deny-new"})
 
     def _on_proxy_readable(self, w: Any) -> bool:
         """Handle one message; False once the channel is closed."""
@@ -427,6 +438,16 @@ class Session:
             if ack_id is not None:
                 with contextlib.suppress(OSError):
                     w.channel.send(MsgType.ACK, {"ack_id": ack_id, "ok": bool(self.audit.healthy)})
+        elif msg.type == MsgType.STATUS and msg.body.get("state") == "failed":
+            # The worker refused to start (bad policy, sockets, seccomp): say why, since
+            # otherwise it only looks like a crash loop.
+            err = str(msg.body.get("error"))
+            self.emit(make_event(
+                "worker-error", f"proxy worker refused to start: {err}", level="error",
+                category=["process"], type=["error"], outcome="failure",
+                error={"message": err}, agentpen={"role": "proxy", "incarnation": w.incarnation},
+            ), durable=True)
+            self.log.error("proxy worker refused to start", error=err)
         return True
 
     def _on_proxy_exit(self, w: Any) -> None:
