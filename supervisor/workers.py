@@ -139,7 +139,8 @@ class NetnsWorker:
                 os.killpg(self.pasta.pid, signal.SIGKILL)
 
 
-def _proxy_entry(channel_fd: int, listen_fds: list[int], policy_json: dict, incarnation: int) -> None:
+def _proxy_entry(channel_fd: int, listen_fds: list[int], policy_json: dict, incarnation: int,
+                 parent_pid: int | None = None) -> None:
     """First code of a forked proxy worker (runs in the child)."""
     # The supervisor blocks its signals for its signalfd; a worker starts clean.
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
@@ -147,7 +148,7 @@ def _proxy_entry(channel_fd: int, listen_fds: list[int], policy_json: dict, inca
         signal.signal(sig, signal.SIG_DFL)
     from agentpen.workers.proxy.server import proxy_main
 
-    proxy_main(channel_fd, listen_fds, policy_json, incarnation)
+    proxy_main(channel_fd, listen_fds, policy_json, incarnation, parent_pid=parent_pid)
 
 
 @dataclass
@@ -182,7 +183,8 @@ class ProxySupervisor:
         self.incarnations += 1
         proc = ctx.Process(
             target=_proxy_entry,
-            args=(wk.fileno(), list(self.listen_fds), self.policy.to_json(), self.incarnations),
+            args=(wk.fileno(), list(self.listen_fds), self.policy.to_json(), self.incarnations,
+                  os.getpid()),
             name=f"agentpen-proxy-{self.incarnations}",
             daemon=False,
         )
