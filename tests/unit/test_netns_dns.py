@@ -147,7 +147,7 @@ def test_audit_first_occurrence_then_counts():
     audit = DnsAudit(RateLimiter(rate=10, burst=10, clock=Clock()))
     ev = audit.event(refused("evil.net"))
     assert ev["action"] == "dns-refused" and ev["dns"]["question"]["name"] == "evil.net"
-    assert ev["event"]["outcome"] == "failure"
+    assert ev["event"]["outcome"] == "success"  # ECS: the denial itself succeeded
     assert audit.event(refused("evil.net")) is None
     assert audit.repeats == 1
     assert audit.event(DnsDecision("allowed", "api.example.com", "A", "NOERROR", "x")) is None

@@ -173,7 +173,7 @@ class DnsAudit:
         if decision.verdict == "refused":
             return make_event(
                 "dns-refused", f"DNS lookup of {key} refused: not in the allowlist",
-                level="warning", category=["network"], type=["denied"], outcome="failure",
+                level="warning", category=["network"], type=["denied"], outcome="success",
                 reason="name not in the allowlist", dns=dns, agentpen=extra,
             )
         return make_event(

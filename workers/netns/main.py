@@ -394,7 +394,17 @@ def main(argv: list[str]) -> int:
         if body.get("op") != "go":
             raise _Fatal(f"unexpected instruction {body.get('op')!r}")
         jail_pid, status_r = start_jail(policy, stdio, covers)
+        # From here on this worker only parses DNS queries from the sandbox and relays
+        # status: no exec, no namespaces, no ptrace (core.confine's table).
+        from agentpen.core.confine import confine
+
+        denied = confine()
         ch.send(MsgType.STATUS, {"state": "jail-started", "pid": jail_pid})
+        ch.send(MsgType.EVENT, make_event(
+            "setup-step", "netns worker confined itself (no_new_privs + seccomp)",
+            category=["configuration"], type=["change"], outcome="success",
+            agentpen={"step": "netns-confined", "seccomp_denied": len(denied)},
+        ))
         serve(ch, dns, jail_pid, status_r)
         # Everything is reported and nothing is buffered: skip the interpreter's
         # teardown (tens of ms of module and GC finalisation that pasta, and so the

@@ -34,7 +34,7 @@ from agentpen.core.events import make_event
 from agentpen.core.policy import SessionPolicy
 from agentpen.workers.proxy.allowlist import Allowlist
 from agentpen.workers.proxy.clienthello import ClientHello, ClientHelloError, ClientHelloParser
-from agentpen.workers.proxy.confine import confine
+from agentpen.core.confine import confine
 from agentpen.workers.proxy.names import canonical_host
 from agentpen.workers.proxy.vetting import vet
 

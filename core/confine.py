@@ -1,7 +1,8 @@
-"""The proxy worker confines itself once it has imported what it needs.
+"""Worker self-confinement: the proxy worker (once it has imported what it needs) and
+the netns worker (once it has forked the jail) apply it.
 
-It parses attacker bytes, so if it is ever subverted it should be unable to do more
-than a proxy does: accept, resolve, connect, read, write. A denylist (the worker
+Both parse attacker bytes (ClientHellos, DNS queries), so if one is ever subverted it
+should be unable to do more than its job: accept, resolve, connect, read, write, wait. A denylist (the worker
 needs the ordinary file and socket calls of Python, libuv and the resolver) returning
 EPERM, on top of no_new_privs. Syscalls of a foreign ABI (i386/x32) kill the process
 (libseccomp's default bad-arch action).
