@@ -119,3 +119,41 @@ def _lines(path):
     import json
 
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def _status(pid: int) -> dict[str, str]:
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            out[k] = v.strip()
+    return out
+
+
+def test_workers_are_confined_while_the_command_runs(sandbox):
+    ready, go = sandbox.project / "ready", sandbox.project / "go"
+    audit = sandbox.root / "conf.jsonl"
+    p = sandbox.popen("--", "sh", "-c", f"touch {ready}; while [ ! -e {go} ]; do sleep 0.02; done",
+                      audit=audit, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists() or '"netns-confined"' not in audit.read_text():
+            assert time.monotonic() < deadline and p.poll() is None
+            time.sleep(0.02)
+        events = _lines(audit)
+        netns_pid = next(e["agentpen"]["worker_pid"] for e in events
+                         if e["event"]["action"] == "setup-step" and e["agentpen"]["worker"] == "netns")
+        proxy_pid = next(e["process"]["pid"] for e in events if e["event"]["action"] == "worker-started"
+                         and e["agentpen"].get("role") == "proxy")
+        netns, proxy = _status(netns_pid), _status(proxy_pid)
+        # Positive control: the probe reads a real process (our own, unconfined).
+        me = _status(os.getpid())
+        assert me["Seccomp"] == "0"
+        for k in ("CapEff", "CapPrm", "CapBnd", "CapAmb", "CapInh"):
+            assert int(netns[k], 16) == 0, (k, netns[k])
+        assert netns["NoNewPrivs"] == "1" and netns["Seccomp"] == "2"
+        assert proxy["NoNewPrivs"] == "1" and proxy["Seccomp"] == "2"
+    finally:
+        go.touch()
+        p.communicate(timeout=30)
+    assert p.returncode == 0
