@@ -275,7 +275,8 @@ def op_netcounters(**_: object) -> dict:
     return {"ok": True, "devs": devs, "snmp": snmp}
 
 
-def op_tls_hello(host: str, port: int, hello_hex: str, chunk: int = 0, **_: object) -> dict:
+def op_tls_hello(host: str, port: int, hello_hex: str, chunk: int = 0, wait: float = 8,
+                 **_: object) -> dict:
     """Send a hand-made ClientHello (in `chunk`-byte writes; 0 = at once), then read
     what comes back: the proxy's access_denied alert (21, desc 49), or whatever the
     upstream answers once the proxy let the hello through."""
@@ -290,7 +291,7 @@ def op_tls_hello(host: str, port: int, hello_hex: str, chunk: int = 0, **_: obje
         else:
             s.sendall(hello)
         got = b""
-        deadline = time.monotonic() + 8
+        deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             r, _, _ = select.select([s], [], [], max(0.0, deadline - time.monotonic()))
             if not r:
