@@ -68,7 +68,7 @@ class SessionPolicy:
     profile_name: str = ""  # what --profile named (a config profile's base is `profile`)
     # paranoid: the throwaway copy bound at `project` (under runtime_paths' sessions/)
     project_source: str = ""
-    # resource caps set on the jail before bwrap: {"as": bytes, "nproc": n, "cpu": seconds}
+    # resource caps set on the jail before bwrap: {"data": bytes, "nproc": n, "cpu": seconds}
     rlimits: dict[str, int] = field(default_factory=dict)
 
 

@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--learn", action="store_true",
       help="egress OPEN: allow every name but record the ones the profile would block, and "
            "print the --allow flags that would admit them (filesystem and seccomp stay on)")
-    a("--memory", metavar="SIZE", help="cap each process's address space, e.g. 4G (paranoid "
+    a("--memory", metavar="SIZE", help="cap each process's data memory (RLIMIT_DATA), e.g. 4G (paranoid "
       "default: 8G)")
     a("--max-procs", metavar="N", type=_positive, help="cap the number of processes (paranoid "
       "default: 512)")

@@ -65,7 +65,7 @@ def parse_duration(text: str, what: str) -> int:
 
 @dataclass
 class Limits:
-    memory: int | None = None  # bytes, RLIMIT_AS of every process
+    memory: int | None = None  # bytes, RLIMIT_DATA of every process
     max_procs: int | None = None  # RLIMIT_NPROC
     cpu_time: int | None = None  # seconds, RLIMIT_CPU of every process
     wall_time: int | None = None  # seconds, the supervisor's timer
@@ -73,7 +73,7 @@ class Limits:
     def rlimits(self) -> dict[str, int]:
         out = {}
         if self.memory:
-            out["as"] = self.memory
+            out["data"] = self.memory
         if self.max_procs:
             out["nproc"] = self.max_procs
         if self.cpu_time:
@@ -83,7 +83,7 @@ class Limits:
     def describe(self) -> dict[str, str]:
         d: dict[str, str] = {}
         if self.memory:
-            d["memory"] = f"{self.memory // (1024 * 1024)}M per process (RLIMIT_AS)"
+            d["memory"] = f"{self.memory // (1024 * 1024)}M per process (RLIMIT_DATA)"
         if self.max_procs:
             d["max_procs"] = f"{self.max_procs} (RLIMIT_NPROC)"
         if self.cpu_time:
@@ -269,6 +269,7 @@ def apply(real: str, copy: str, ch: Changes) -> list[str]:
                 os.symlink(os.readlink(src), tmp)
             elif stat.S_ISREG(st.st_mode):
                 shutil.copy2(src, tmp, follow_symlinks=False)
+                os.chmod(tmp, stat.S_IMODE(st.st_mode) & ~(stat.S_ISUID | stat.S_ISGID))
             else:
                 failed.append(f"{rel}: not a file, directory or symlink (skipped)")
                 continue

@@ -151,7 +151,7 @@ def test_wall_clock_cap_ends_the_command_and_is_audited(sandbox):
 def _limits(stdout: str) -> dict[str, str]:
     out = {}
     for line in stdout.splitlines():
-        for name in ("Max processes", "Max address space", "Max cpu time"):
+        for name in ("Max processes", "Max data size", "Max cpu time"):
             if line.startswith(name):
                 out[name] = line[len(name):].split()[0]
     return out
@@ -164,7 +164,7 @@ def test_process_and_memory_caps_apply_inside(sandbox):
     script = f"cat /proc/self/limits; python3 -c \"{forker}\""
     r = sandbox.run("--max-procs", "16", "--memory", "512M", "--", "sh", "-c", script)
     lim = _limits(r.stdout)
-    assert lim == {"Max processes": "16", "Max address space": str(512 * 1024 * 1024),
+    assert lim == {"Max processes": "16", "Max data size": str(512 * 1024 * 1024),
                    "Max cpu time": "unlimited"}, r.stdout
     assert "forks=" in r.stdout and int(r.stdout.split("forks=")[1].split()[0]) < 16, r.stdout
     # control: without the cap, all 40 start
@@ -175,7 +175,7 @@ def test_process_and_memory_caps_apply_inside(sandbox):
 def test_paranoid_has_default_caps(sandbox):
     r = sandbox.run("--profile", "paranoid", "--discard", "--", "cat", "/proc/self/limits")
     assert _limits(r.stdout) == {"Max processes": "512", "Max cpu time": str(2 * 3600),
-                                 "Max address space": str(8 * 1024 ** 3)}, r.stdout
+                                 "Max data size": str(8 * 1024 ** 3)}, r.stdout
     started = next(e for e in r.audit() if e["event"]["action"] == "session-started")
     assert "limits" in started["agentpen"]["layers"] and "project" in started["agentpen"]["layers"]
 

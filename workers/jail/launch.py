@@ -163,7 +163,7 @@ def keep_only_setfcap() -> None:
         raise JailCapsError(f"capabilities not reduced to CAP_SETFCAP: {left}")
 
 
-RLIMITS = {"as": resource.RLIMIT_AS, "nproc": resource.RLIMIT_NPROC, "cpu": resource.RLIMIT_CPU}
+RLIMITS = {"data": resource.RLIMIT_DATA, "nproc": resource.RLIMIT_NPROC, "cpu": resource.RLIMIT_CPU}
 
 
 def set_rlimits(limits: dict[str, int]) -> None:
