@@ -88,7 +88,8 @@ class Channel:
 
     # -- sending ---------------------------------------------------------------
 
-    def send(self, mtype: MsgType, body: dict[str, Any] | None = None, fds: tuple[int, ...] | list[int] = ()) -> None:
+    def send(self, mtype: MsgType, body: dict[str, Any] | None = None,
+             fds: tuple[int, ...] | list[int] = ()) -> None:
         """Send one message. Raises BlockingIOError on a full non-blocking socket."""
         packet, all_fds, blob = encode(mtype, body or {}, fds)
         try:
@@ -129,7 +130,8 @@ class Channel:
         return msg
 
 
-def encode(mtype: MsgType, body: dict[str, Any], fds: tuple[int, ...] | list[int] = ()) -> tuple[bytes, list[int], int | None]:
+def encode(mtype: MsgType, body: dict[str, Any],
+           fds: tuple[int, ...] | list[int] = ()) -> tuple[bytes, list[int], int | None]:
     """Build a packet. Returns (packet, fds to attach, blob fd the caller must close)."""
     raw = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
     head = HEADER.pack(MAGIC, PROTOCOL_VERSION, int(mtype))
@@ -144,7 +146,8 @@ def encode(mtype: MsgType, body: dict[str, Any], fds: tuple[int, ...] | list[int
         os.write(blob, raw)
         import fcntl
 
-        fcntl.fcntl(blob, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL)
+        seals = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
+        fcntl.fcntl(blob, fcntl.F_ADD_SEALS, seals)
         all_fds.append(blob)
         raw = b'{"$blob":true}'
     return head + raw, all_fds, blob

@@ -398,7 +398,8 @@ class Session:
             self.counters.proxy_restarts += 1
         self.emit(make_event(
             "worker-restarted" if restart else "worker-started",
-            f"proxy worker {'restarted' if restart else 'started'} (pid {w.pid}, incarnation {w.incarnation})",
+            f"proxy worker {'restarted' if restart else 'started'} "
+            f"(pid {w.pid}, incarnation {w.incarnation})",
             level="warning" if restart else "info",
             category=["process"], type=["start"], outcome="success",
             process={"pid": w.pid, "name": "agentpen-proxy"},

@@ -30,11 +30,11 @@ from typing import Any
 import uvloop  # imported here so a supervisor that imports this module forks warm workers
 from agentpen.core import osutil
 from agentpen.core.channel import PROTOCOL_VERSION, Channel, Message, MsgType, ProtocolError, encode
+from agentpen.core.confine import confine
 from agentpen.core.events import make_event
 from agentpen.core.policy import SessionPolicy
 from agentpen.workers.proxy.allowlist import Allowlist
 from agentpen.workers.proxy.clienthello import ClientHello, ClientHelloError, ClientHelloParser
-from agentpen.core.confine import confine
 from agentpen.workers.proxy.names import canonical_host
 from agentpen.workers.proxy.vetting import vet
 
