@@ -218,3 +218,59 @@ def test_config_show_runs_nothing(sandbox, tmp_path):
     assert info["project"] == str(sandbox.project) and "SECRET_HOST_TOKEN" not in json.dumps(info)
     assert not (sandbox.project / "ran").exists()
     assert not Path(sandbox.state / "agentpen" / "sessions").exists()
+
+
+def _run_on_pty(sandbox, args: list[str], answer: bytes) -> tuple[int, str]:
+    """agentpen with a terminal as stdin/stdout/stderr (its controlling tty); `answer`
+    is typed once the apply question shows."""
+    import fcntl
+    import os
+    import select
+    import subprocess
+    import sys
+    import termios
+    import time
+
+    master, slave = os.openpty()
+
+    def ctty():
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    p = subprocess.Popen([sys.executable, "-m", "agentpen.supervisor", "--log-format", "json",
+                          "--audit-log", str(sandbox.root / "pty-audit.jsonl"), *args],
+                         cwd=sandbox.project, env=sandbox.env(), stdin=slave, stdout=slave,
+                         stderr=slave, preexec_fn=ctty)
+    os.close(slave)
+    out = b""
+    answered = False
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        r, _, _ = select.select([master], [], [], 1.0)
+        if not r:
+            if p.poll() is not None:
+                break
+            continue
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the last holder of the terminal is gone
+            break
+        if not chunk:
+            break
+        out += chunk
+        if not answered and b"[y/N]" in out:
+            os.write(master, answer)
+            answered = True
+    os.close(master)
+    return p.wait(timeout=30), out.decode(errors="replace")
+
+
+@pytest.mark.parametrize("answer, applied", [(b"y\n", True), (b"\n", False)])
+def test_paranoid_asks_on_a_terminal(sandbox, answer, applied):
+    code, out = _run_on_pty(sandbox, ["--profile", "paranoid", "--", "sh", "-c", "echo hi > t.txt"],
+                            answer)
+    assert code == 0, out
+    assert "A t.txt" in out and "[y/N]" in out
+    assert (sandbox.project / "t.txt").exists() is applied, out
+    assert ("paranoid: applied" in out) is applied and ("paranoid: discarded" in out) is not applied
+    assert not list((sandbox.state / "agentpen" / "sessions").iterdir())
