@@ -153,7 +153,11 @@ def resolve_policy(opts: Options, env: Mapping[str, str], *, cwd: str | None = N
         raise CommandNotExecutable(str(exc)) from None
 
     # -- mounts ----------------------------------------------------------------------
-    runtime_paths = [sdir]
+    # agentpen's own: the state (audit logs, paranoid sessions) and the config directory
+    # (a sandbox that could write config.toml would widen every later session).
+    from agentpen.supervisor.config import config_path
+
+    runtime_paths = [sdir, os.path.dirname(config_path(env, home))]
     mounts: list[Mount] = []
 
     def add_mount(path: str, mode: str, why: str, *, must_exist: bool = True) -> None:

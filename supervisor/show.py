@@ -74,7 +74,7 @@ def _for_command(opts: Any, env: Mapping[str, str], cfg: Config, cwd: str | None
         "bwrap_argv": plan.argv,
     }
     if policy.profile == "paranoid":
-        res["limits"] = limits_from(opts).describe()
+        res["limits"] = limits_from(opts, paranoid=True).describe()
     return res
 
 

@@ -179,3 +179,23 @@ def test_config_show_without_command_lists_profiles(tmp_path):
     info = effective([], env)
     assert list(info["profiles"]) == ["untrusted", "paranoid", "work"]
     assert "work" in render(info)
+
+
+def test_the_config_directory_is_never_mountable(tmp_path):
+    env = _write(tmp_path, "[defaults]\n")
+    xdg = env["XDG_CONFIG_HOME"]
+    for flag in ("--mount-rw", "--mount"):
+        o = parse_args([flag, xdg, "sh"], profiles=None)
+        with pytest.raises(Exception, match="agentpen's own state"):
+            resolve_policy(o, env, cwd=str(Path(env["HOME"]) / "proj"), dry_run=True)
+    other = tmp_path / "other"
+    other.mkdir()
+    o = parse_args(["--mount-rw", str(other), "sh"], profiles=None)  # control
+    assert resolve_policy(o, env, cwd=str(Path(env["HOME"]) / "proj"), dry_run=True).mounts
+
+
+def test_show_lists_caps_for_a_profile_based_on_paranoid(tmp_path):
+    env = _write(tmp_path, '[profiles.strict]\nbase = "paranoid"\nmax_procs = 64\n')
+    info = effective(["--profile", "strict", "sh"], env, cwd=str(Path(env["HOME"]) / "proj"))
+    assert info["base_profile"] == "paranoid" and info["limits"]["max_procs"].startswith("64 ")
+    assert "throwaway copy" in next(m["why"] for m in info["mounts"] if m["path"].endswith("/proj"))
