@@ -29,6 +29,7 @@ def parse_probe(text: str) -> dict:
 class Prober:
     sandbox: object
     script: Path
+    parse = staticmethod(parse_probe)
 
     def _checks_file(self, checks: list[dict]) -> Path:
         path = self.sandbox.project / f".probe-{os.urandom(4).hex()}.json"

@@ -157,8 +157,9 @@ def op_bind_device_connect(dev: str, host: str, port: int, **_: object) -> dict:
         s.close()
 
 
-def op_syscall(nr: int, args: list[int] | None = None, **_: object) -> dict:
-    cargs = [ctypes.c_long(a) for a in (args or [])]
+def op_syscall(nr: int, args: list[int | str] | None = None, **_: object) -> dict:
+    """A raw syscall; string arguments are passed as pointers to NUL-terminated bytes."""
+    cargs = [ctypes.c_char_p(a.encode()) if isinstance(a, str) else ctypes.c_long(a) for a in (args or [])]
     ctypes.set_errno(0)
     ret = LIBC.syscall(ctypes.c_long(nr), *cargs)
     no = ctypes.get_errno() if ret == -1 else 0
@@ -173,6 +174,14 @@ def op_ioctl(fd: int, request: int, arg: str = "", **_: object) -> dict:
     ret = LIBC.ioctl(fd, request, buf)
     no = ctypes.get_errno() if ret == -1 else 0
     return {"ok": ret != -1, "errno": no, "error": errno.errorcode.get(no, "")}
+
+
+def op_setns(path: str = "/proc/self/ns/net", **_: object) -> dict:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return op_syscall(308, [fd, 0])
+    finally:
+        os.close(fd)
 
 
 def op_kill(pid: int, sig: int = 0, **_: object) -> dict:
