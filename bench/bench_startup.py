@@ -89,23 +89,26 @@ class Floor:
         return dt
 
 
-def agentpen_argv(audit: Path, allow: list[str], command: list[str]) -> list[str]:
-    return [*AGENTPEN, "--log-format", "json", "--log-level", "warning", "--audit-log", str(audit),
+def agentpen_argv(audit: Path, allow: list[str], command: list[str],
+                  python: str | None = None) -> list[str]:
+    head = [python, "-m", "agentpen.supervisor"] if python else AGENTPEN
+    return [*head, "--log-format", "json", "--log-level", "warning", "--audit-log", str(audit),
             *(f"--allow={a}" for a in allow), "--", *command]
 
 
-def run_agentpen(project: Path, tmp: Path, allow: list[str], i: int) -> tuple[float, dict[str, float]]:
+def run_agentpen(project: Path, tmp: Path, allow: list[str], i: int,
+                 python: str | None = None) -> tuple[float, dict[str, float]]:
     audit = tmp / f"audit-{i}.jsonl"
     t_wall = time.time()
     t0 = time.perf_counter()
-    subprocess.run(agentpen_argv(audit, allow, ["true"]), cwd=project, check=True,
+    subprocess.run(agentpen_argv(audit, allow, ["true"], python), cwd=project, check=True,
                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     dt = time.perf_counter() - t0
     phases: dict[str, float] = {}
     for e in audit_events(audit):
         action = e["event"]["action"]
-        step = e.get("agentpen", {}).get("step")
-        key = f"{action}:{step}" if step else action
+        extra = e.get("agentpen", {}).get("step") or e.get("agentpen", {}).get("role")
+        key = f"{action}:{extra}" if extra else action
         phases.setdefault(key, (ts(e) - t_wall) * 1000)
     audit.unlink()
     return dt, phases
@@ -143,7 +146,10 @@ def _kids(pid: int) -> list[int]:
     return children(pid)
 
 
-def measure(runs: int, allow: list[str] | None = None, rss: bool = True) -> dict:
+def measure(runs: int, allow: list[str] | None = None, rss: bool = True,
+            baseline: str | None = None, python: str | None = None) -> dict:
+    """`baseline`: the python of another agentpen install (e.g. the code before an
+    optimisation), run interleaved as a third variant."""
     allow = allow or []
     with tempfile.TemporaryDirectory(prefix="bench-startup-") as d:
         tmp = Path(d)
@@ -151,13 +157,19 @@ def measure(runs: int, allow: list[str] | None = None, rss: bool = True) -> dict
         project.mkdir()
         floor = Floor(project, allow)
         floor.run()  # warm caches (page cache, pasta --help cache is per process anyway)
-        run_agentpen(project, tmp, allow, -1)
-        f_times, a_times, phases = [], [], []
+        run_agentpen(project, tmp, allow, -1, python)
+        f_times, a_times, b_times, phases, b_phases = [], [], [], [], []
+        if baseline:
+            run_agentpen(project, tmp, allow, -2, baseline)
         for i in range(runs):
             f_times.append(floor.run())
-            dt, ph = run_agentpen(project, tmp, allow, i)
+            dt, ph = run_agentpen(project, tmp, allow, i, python)
             a_times.append(dt)
             phases.append(ph)
+            if baseline:
+                dt, ph = run_agentpen(project, tmp, allow, i, baseline)
+                b_times.append(dt)
+                b_phases.append(ph)
         res = {
             "runs": runs,
             "allowlist": len(allow),
@@ -169,30 +181,49 @@ def measure(runs: int, allow: list[str] | None = None, rss: bool = True) -> dict
             "ratio_p50": med(a_times) / med(f_times),
             "ratio_min": min(a_times) / min(f_times),
         }
-        keys = sorted({k for ph in phases for k in ph}, key=lambda k: med(ph[k] for ph in phases if k in ph))
-        res["phases_ms_p50"] = {k: round(med(ph[k] for ph in phases if k in ph), 1) for k in keys}
+        res["phases_ms_p50"] = _phases(phases)
+        if baseline:
+            res.update({
+                "baseline_python": baseline,
+                "baseline_ms_p50": med(b_times) * 1000,
+                "baseline_ms_min": min(b_times) * 1000,
+                "baseline_ratio_p50": med(b_times) / med(f_times),
+                "baseline_phases_ms_p50": _phases(b_phases),
+            })
         if rss:
             res["peak_rss_MiB"] = {k: round(v, 1) for k, v in peak_rss(project, tmp).items()}
     return res
 
 
+def _phases(phases: list[dict[str, float]]) -> dict[str, float]:
+    keys = sorted({k for ph in phases for k in ph}, key=lambda k: med(ph[k] for ph in phases if k in ph))
+    return {k: round(med(ph[k] for ph in phases if k in ph), 1) for k in keys}
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=15)
+    ap.add_argument("--baseline", metavar="PYTHON",
+                    help="python of another agentpen install, run interleaved (before/after)")
+    ap.add_argument("--python", metavar="PYTHON",
+                    help="python of the agentpen install under test (default: this one)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     require_unprivileged()
-    res = measure(args.runs)
+    res = measure(args.runs, baseline=args.baseline, python=args.python)
     if args.json:
         print(json.dumps(res, indent=1))
         return 0
     print(f"start-up, {args.runs} runs interleaved")
     for k in ("floor_ms_p50", "floor_ms_min", "agentpen_ms_p50", "agentpen_ms_min", "agentpen_ms_p90",
-              "ratio_p50", "ratio_min"):
-        print(f"  {k:<22} {res[k]:10.2f}")
-    print("  phases (ms after launch, p50):")
-    for k, v in res["phases_ms_p50"].items():
-        print(f"    {k:<44} {v:8.1f}")
+              "ratio_p50", "ratio_min", "baseline_ms_p50", "baseline_ms_min", "baseline_ratio_p50"):
+        if k in res:
+            print(f"  {k:<22} {res[k]:10.2f}")
+    for name in ("phases_ms_p50", "baseline_phases_ms_p50"):
+        if name in res:
+            print(f"  {name} (ms after launch):")
+            for k, v in res[name].items():
+                print(f"    {k:<44} {v:8.1f}")
     print("  peak RSS (MiB):", res.get("peak_rss_MiB"))
     return 0
 
