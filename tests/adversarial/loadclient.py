@@ -303,6 +303,10 @@ async def fds(args: dict) -> dict:
 
 
 def main() -> int:
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)  # die of it: the exit status is 128+N
     scenario, args, result = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
     fn = {"hold": hold, "churn": churn, "slow": slow, "huge": huge, "fds": fds}[scenario]
     res = asyncio.run(fn(args))
@@ -313,7 +317,7 @@ def main() -> int:
         json.dump(res, f)
     os.rename(result + ".tmp", result)
     print(json.dumps(res))
-    return 0
+    return int(args.get("exit", 0))
 
 
 if __name__ == "__main__":

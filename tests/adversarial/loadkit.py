@@ -276,6 +276,10 @@ class ScenarioRun:
 
     def watch(self) -> None:
         self.pids.update(descendants(self.proc.pid))
+        if self.proxy_pid is not None:
+            rss = rss_kib(self.proxy_pid)
+            if rss is not None and rss > (self.rss.get("peak") or 0):
+                self.rss["peak"] = rss
 
     def wait_held(self, timeout: float = 120.0) -> dict:
         path = self.ctl / "held"

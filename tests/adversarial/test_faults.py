@@ -1,0 +1,575 @@
+"""Issue 7, faults: kill each part of a session at startup, mid-connection and at
+shutdown; fill the disk under the audit log; make the audit reader vanish; run out of
+descriptors. For each: what the user sees (agentpen's own stderr lines are JSON, one
+error line, never a traceback), egress fails closed (the held connection is cut at the
+upstream; no new connection gets through where none may), the exit status (the
+command's own, 128+N, or 125), nothing left behind (every pid of the session's tree,
+its namespaces, protection placeholders in the project, temp files), and every audit
+line written parses.
+
+The command in the sandbox is loadclient.py `hold`: it holds one TLS connection open
+through the proxy to the local upstream, says so (ctl/held), waits for ctl/go, then
+makes one fresh request (the probe) and one on the held connection, and exits 7.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from loadkit import (
+    AsyncTlsUpstream,
+    actions,
+    alive,
+    audit_lines,
+    children,
+    client_args,
+    cmdline,
+    comm,
+    descendants,
+    install_client,
+    pin_args,
+    user_namespaces,
+    wait_for,
+)
+
+CMD_EXIT = 7
+PR_SET_CHILD_SUBREAPER = 36
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _subreaper():
+    """Orphans of a session (whatever outlives its supervisor) are reparented to this
+    test process rather than to init, so the leak check sees every one of them."""
+    from agentpen.core.osutil import _prctl
+
+    _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    yield
+    _prctl(PR_SET_CHILD_SUBREAPER, 0)
+
+
+def orphans(keep: set[int]) -> list[int]:
+    """Live descendants of this test process not in keep; zombies among our direct
+    children that are not ours to wait for (orphans) are reaped."""
+    out = []
+    for pid in descendants(os.getpid()):
+        if pid in keep:
+            continue
+        if alive(pid):
+            out.append(pid)
+        elif pid in children(os.getpid()):
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+    return out
+
+
+@pytest.fixture
+def up(tmp_path):
+    u = AsyncTlsUpstream(tmp_path)
+    yield u
+    u.close()
+
+
+# -- the session under test ------------------------------------------------------------
+
+
+@dataclass
+class Tree:
+    """The session's processes, found from the host by walking /proc from agentpen."""
+
+    supervisor: int
+    pids: set[int] = field(default_factory=set)
+    netns_inodes: set[str] = field(default_factory=set)
+
+    def scan(self) -> dict[str, int]:
+        found: dict[str, int] = {"supervisor": self.supervisor}
+        for kid in children(self.supervisor):
+            if comm(kid).startswith("pass"):
+                # The feature probe (pasta --help / --version) first, then the real one.
+                found["pasta" if "agentpen.workers.netns" in cmdline(kid) else "pasta-probe"] = kid
+            elif "agentpen" in cmdline(kid) or comm(kid).startswith("python"):
+                found["proxy"] = kid
+        if "pasta" in found:
+            for kid in children(found["pasta"]):
+                if "agentpen.workers.netns" not in cmdline(kid) or comm(kid).startswith("pass"):
+                    found["pasta-helper"] = kid  # pasta's own child while it sets up the namespace
+                    continue
+                found["netns"] = kid
+                with contextlib.suppress(OSError):
+                    ns = os.readlink(f"/proc/{kid}/ns/net")
+                    if ns != os.readlink("/proc/self/ns/net"):  # not yet in its own
+                        self.netns_inodes.add(ns)
+        if "netns" in found:
+            for kid in children(found["netns"]):
+                if comm(kid) == "bwrap":
+                    found["jail"] = kid
+        if "jail" in found:
+            for kid in children(found["jail"]):
+                found["init"] = kid
+                for cmd in children(kid):
+                    found["command"] = cmd
+        self.pids.update(found.values())
+        self.pids.update(descendants(self.supervisor))
+        return found
+
+    def left(self, timeout: float = 10.0, keep: set[int] | None = None) -> list[str]:
+        """Every pid of the session, and every orphan reparented to us, still alive
+        (after a bounded wait: the kernel tears down asynchronously). Killed once
+        reported, so that one failure does not leak into the next test."""
+        deadline = time.monotonic() + timeout
+        while True:
+            live = sorted({p for p in self.pids if alive(p)} | set(orphans({self.supervisor, *(keep or ())})))
+            if not live or time.monotonic() > deadline:
+                desc = [f"{p} {comm(p)} ppid={_ppid(p)} {cmdline(p)[:100]}" for p in live]
+                for p in live:
+                    with contextlib.suppress(OSError):
+                        os.kill(p, signal.SIGKILL)
+                return desc
+            time.sleep(0.05)
+
+
+def _ppid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError):
+        return 0
+
+
+class Session:
+    def __init__(self, sandbox, up, *, extra: list[str] | None = None, audit: Path | None = None,
+                 exit_code: int = CMD_EXIT, popen_kw: dict | None = None, scenario: str = "hold",
+                 **client_kw) -> None:
+        install_client(sandbox.project)
+        self.sandbox, self.up = sandbox, up
+        self.ctl = sandbox.project / "ctl"
+        self.ctl.mkdir(exist_ok=True)
+        self.result = sandbox.project / "result.json"
+        self.audit = audit or sandbox.root / "audit.jsonl"
+        self.project_before = _tree(sandbox.project)
+        self.tmp_before = _tmp()
+        args = client_args(up, n=1, ctl=str(self.ctl), exit=exit_code, timeout=15, go_timeout=60,
+                           **client_kw)
+        script = f"exec python3 loadclient.py {scenario} '{args}' {self.result}"
+        # Files, not pipes: a process that outlives agentpen must not hang the test.
+        self.out_path, self.err_path = sandbox.root / "stdout", sandbox.root / "stderr"
+        with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
+            self.proc = sandbox.popen(*pin_args(up), *(extra or []), "--", "sh", "-c", script,
+                                      audit=self.audit, stdout=out, stderr=err, **(popen_kw or {}))
+        self.tree = Tree(self.proc.pid)
+
+    def wait_role(self, role: str, timeout: float = 30.0) -> int:
+        def find():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"agentpen ended ({self.proc.returncode}) before {role} appeared: "
+                                     f"{self.err_path.read_text()[-1500:]}")
+            return self.tree.scan().get(role)
+
+        return wait_for(find, f"the {role} process", timeout, step=0.001)
+
+    def wait_held(self) -> None:
+        def held():
+            self.tree.scan()
+            if self.proc.poll() is not None:
+                raise AssertionError(f"agentpen ended ({self.proc.returncode}) early: "
+                                     f"{self.err_path.read_text()[-1500:]}")
+            return (self.ctl / "held").exists()
+
+        wait_for(held, "the command to hold its connection", 60, step=0.02)
+        assert json.loads((self.ctl / "held").read_text())["held"] == 1
+        wait_for(lambda: self.up.open == 1, "the held connection at the upstream")
+        self.tree.scan()
+
+    def go(self) -> None:
+        (self.ctl / "go").touch()
+
+    def end(self, timeout: float = 60.0) -> tuple[int, str, list[dict], dict]:
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None:
+            self.tree.scan()
+            assert time.monotonic() < deadline, "agentpen did not end"
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(0.05)
+        err = self.err_path.read_text(errors="replace")
+        res = json.loads(self.result.read_text()) if self.result.exists() else {}
+        return self.proc.returncode, err, audit_lines(self.audit), res
+
+    def assert_nothing_left(self, *, placeholders: bool = True) -> None:
+        assert self.tree.left() == [], "processes left behind"
+        # The namespaces die with their last process; none of ours still holds one.
+        assert not (self.tree.netns_inodes & user_namespaces()), "network namespace left behind"
+        if placeholders:
+            extra = _tree(self.sandbox.project) - self.project_before
+            extra = {p for p in extra if not p.startswith(("ctl", "result.json", "loadclient.py"))}
+            assert extra == set(), f"left in the project: {sorted(extra)}"
+        assert _tmp() - self.tmp_before == set(), "temp files left behind"
+        # Egress fails closed: nothing is open at the upstream any more.
+        wait_for(lambda: self.up.open == 0, "the upstream to see every connection closed", 15)
+
+
+def _tree(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def _tmp() -> set[str]:
+    """This user's new entries in /tmp that agentpen or pasta could have made
+    (pytest's own directory and other sessions' files are not ours to judge)."""
+    out = set()
+    for e in os.listdir("/tmp"):
+        if e.startswith(("agentpen", "pasta", "passt", "bwrap")):
+            try:
+                if os.stat(os.path.join("/tmp", e)).st_uid == os.getuid():
+                    out.add(e)
+            except OSError:
+                pass
+    return out
+
+
+def user_sees(err: str) -> list[dict]:
+    """agentpen's stderr (--log-format json): only JSON lines, no traceback."""
+    assert "Traceback" not in err, err[-3000:]
+    lines = []
+    for line in err.splitlines():
+        if not line.strip():
+            continue
+        assert line.startswith("{"), f"not a JSON log line: {line[:300]}"
+        lines.append(json.loads(line))
+    return lines
+
+
+def errors_of(lines: list[dict]) -> list[str]:
+    return [x.get("message", "") for x in lines if x.get("log", {}).get("level") in ("error", "critical")]
+
+
+# -- kill each part ------------------------------------------------------------------------
+
+
+# (target, expected exit status when killed mid-connection)
+MID = [
+    ("proxy", CMD_EXIT),  # restarted; the command goes on
+    ("netns", 125),
+    ("pasta", 125),
+    ("jail", 128 + 9),
+    ("command", 128 + 9),
+]
+
+
+@pytest.mark.parametrize("target,status", MID, ids=[t for t, _ in MID])
+def test_kill_mid_connection(sandbox, up, target, status):
+    s = Session(sandbox, up)
+    s.wait_held()
+    pid = s.tree.scan()[target]
+    os.kill(pid, signal.SIGKILL)
+    if target == "proxy":
+        # The held connection is cut (egress fails closed), the command is told by a reset/EOF.
+        wait_for(lambda: up.open == 0, "the upstream to see the held connection closed", 15)
+    s.go()
+    rc, err, events, res = s.end()
+    lines = user_sees(err)
+    acts = actions(events)
+    assert acts[0] == "session-started" and acts[-1] == "session-ended", acts
+    ended = events[-1]
+    assert ended["process"]["exit_code"] == rc == status, (rc, errors_of(lines), acts)
+    if target == "proxy":
+        assert res["probe_ok"] is True and res["served"] == 0, res  # restarted; held one cut
+        assert "worker-restarted" in acts and errors_of(lines) == []
+        assert up.served == 1
+    else:
+        # In the few ms a SIGKILLed pasta takes to die (12-40 ms measured) the command may
+        # still finish its requests: through the proxy, each one audited before it passed.
+        assert up.handshakes <= acts.count("connection-allowed"), (up.handshakes, acts)
+        if status == 125:
+            assert len(errors_of(lines)) == 1, errors_of(lines)  # one line, saying what happened
+            assert ended["event"]["outcome"] == "failure"
+    s.assert_nothing_left()
+
+
+STARTUP = ["pasta-probe", "pasta", "pasta-helper", "netns", "proxy", "jail"]
+
+
+@pytest.mark.parametrize("target", STARTUP)
+def test_kill_at_startup(sandbox, up, target):
+    """Killed the moment it exists, before the command runs."""
+    s = Session(sandbox, up)
+    pid = s.wait_role(target)
+    os.kill(pid, signal.SIGKILL)
+    if target == "proxy":  # restarted: the session goes on and egress works
+        s.wait_held()
+        s.go()
+    rc, err, events, res = s.end(90)  # pasta-helper: the 30 s setup timeout
+    lines = user_sees(err)
+    acts = actions(events)
+    assert acts[-1] == "session-ended", acts
+    # Killed before the session started (the pasta probe): only its end is recorded.
+    assert acts[0] == "session-started" or acts == ["session-ended"], acts
+    if target == "proxy":
+        assert rc == CMD_EXIT and res["served"] == 1 and res["probe_ok"], (rc, res, errors_of(lines))
+    else:
+        # The command never started, or (jail) died with it: agentpen's own failure.
+        assert rc in (125, 137), (rc, errors_of(lines))
+        assert not (s.ctl / "held").exists() or rc == 137
+        assert up.accepted == 0 or rc == 137
+        if rc == 125:
+            assert len(errors_of(lines)) == 1, errors_of(lines)
+        if target == "pasta-probe":  # said as it is, not "pasta lacks options"
+            assert "killed by signal SIGKILL" in errors_of(lines)[0], errors_of(lines)
+    assert events[-1]["process"]["exit_code"] == rc
+    s.assert_nothing_left()
+
+
+SHUTDOWN = ["proxy", "netns", "pasta"]
+
+
+@pytest.mark.parametrize("target", SHUTDOWN)
+def test_kill_at_shutdown(sandbox, up, target):
+    """The command is finishing (go: last requests, exit 7) when the part is killed."""
+    s = Session(sandbox, up)
+    s.wait_held()
+    pid = s.tree.scan()[target]
+    s.go()
+    wait_for(lambda: s.result.exists() or s.proc.poll() is not None, "the command to finish", 30,
+             step=0.001)
+    os.kill(pid, signal.SIGKILL)
+    rc, err, events, _res = s.end()
+    lines = user_sees(err)
+    acts = actions(events)
+    assert acts[-1] == "session-ended"
+    # The command's exit was reported, or the kill beat the report: agentpen says so (125).
+    allowed = {CMD_EXIT} if target == "proxy" else {CMD_EXIT, 125}
+    assert rc in allowed and events[-1]["process"]["exit_code"] == rc, (rc, errors_of(lines))
+    if rc == 125:
+        assert len(errors_of(lines)) == 1
+    s.assert_nothing_left()
+
+
+@pytest.mark.parametrize("when", ["netns-started", "mid-connection", "shutdown"])
+def test_kill_9_of_the_supervisor_takes_everything_down(sandbox, up, when):
+    s = Session(sandbox, up)
+    if when == "netns-started":
+        s.wait_role("netns")
+    else:
+        s.wait_held()
+        if when == "shutdown":
+            s.go()
+            wait_for(lambda: s.result.exists() or s.proc.poll() is not None, "the command to finish",
+                     30, step=0.001)
+    s.tree.scan()
+    os.kill(s.proc.pid, signal.SIGKILL)
+    rc, err, events, _res = s.end()
+    assert rc == -signal.SIGKILL
+    assert "Traceback" not in err
+    assert s.tree.left() == [], "processes outlived the supervisor"
+    assert not (s.tree.netns_inodes & user_namespaces())
+    wait_for(lambda: up.open == 0, "the held connection to be cut", 15)  # egress fails closed
+    acts = actions(events)  # every line written parses (audit_lines)
+    assert acts == [] or acts[0] == "session-started", acts
+
+
+@pytest.mark.xfail(strict=True, reason="HOLE: a supervisor SIGKILLed while pasta sets up the "
+                   "namespace leaves a pasta process (parent or its pre-exec child) alive for good, "
+                   "reparented, in sigtimedwait, holding the sandbox's user and net namespaces: "
+                   "PDEATHSIG alone does not cover pasta's start-up")
+def test_kill_9_of_the_supervisor_while_pasta_starts_leaves_nothing(sandbox, up, tmp_path):
+    """The supervisor is frozen the moment pasta exists, then SIGKILLed (up to 8 attempts:
+    the window is pasta's own setup; 2 to 3 attempts in 4 leave a process here)."""
+    left_any: list[str] = []
+    for i in range(8):
+        root = tmp_path / f"attempt{i}"
+        (root / "home" / "src" / "project").mkdir(parents=True)
+        sb = type(sandbox)(root, root / "home", root / "home" / "src" / "project", root / "sib",
+                           root / "state")
+        s = Session(sb, up)
+        s.wait_role("pasta")
+        os.kill(s.proc.pid, signal.SIGSTOP)
+        s.tree.scan()
+        os.kill(s.proc.pid, signal.SIGKILL)
+        s.proc.wait(10)
+        left_any += s.tree.left(timeout=3)
+        if left_any:
+            break
+    assert left_any == [], left_any
+
+
+@pytest.mark.xfail(strict=True, reason="HOLE: a SIGKILLed supervisor leaves the protection "
+                   "placeholders (.git/, .envrc, .vscode/, ...) bwrap created in the project; "
+                   "only Session._remove_placeholders removes them, and nothing does at the next start")
+def test_kill_9_of_the_supervisor_leaves_no_placeholders(sandbox, up):
+    s = Session(sandbox, up)
+    s.wait_held()
+    os.kill(s.proc.pid, signal.SIGKILL)
+    s.end()
+    assert s.tree.left() == []
+    extra = _tree(sandbox.project) - s.project_before
+    extra = {p for p in extra if not p.startswith(("ctl", "result.json", "loadclient.py"))}
+    assert extra == set(), sorted(extra)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_polite_signal_to_agentpen_is_forwarded_and_reported(sandbox, up, sig):
+    s = Session(sandbox, up)
+    s.wait_held()
+    os.kill(s.proc.pid, sig)
+    rc, err, events, _res = s.end()
+    user_sees(err)
+    assert rc == 128 + sig, rc
+    assert "signal-forwarded" in actions(events)
+    assert events[-1]["process"]["exit_code"] == rc
+    s.assert_nothing_left()
+
+
+# -- the audit sink fails ---------------------------------------------------------------------
+
+
+def _fifo(sandbox) -> tuple[str, int]:
+    path = str(sandbox.root / "audit.fifo")
+    os.mkfifo(path)
+    reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    return path, reader
+
+
+def test_audit_reader_vanishes_mid_session_new_connections_refused(sandbox, up):
+    """--audit-fd to a FIFO whose reader goes away: EPIPE, the default policy (deny)
+    refuses new connections, the open one finishes, the file sink keeps the record."""
+    path, reader = _fifo(sandbox)
+    writer = os.open(path, os.O_WRONLY)
+    try:
+        s = Session(sandbox, up, extra=["--audit-fd", str(writer)], popen_kw={"pass_fds": (writer,)})
+    finally:
+        os.close(writer)
+    s.wait_held()
+    os.close(reader)  # the SIEM shipper dies
+    s.go()
+    rc, err, events, res = s.end()
+    lines = user_sees(err)
+    assert rc == CMD_EXIT
+    assert res["served"] == 1, res  # the open connection finished
+    assert res["probe_ok"] is False, res  # a new one was refused: no unaudited egress
+    assert up.served == 1
+    assert any("audit sink failed" in m for m in errors_of(lines)), errors_of(lines)
+    counters = events[-1]["agentpen"]["counters"]["audit"]
+    assert counters["sink_failures"] >= 1 and counters["dropped"] >= 1, counters
+    s.assert_nothing_left()
+
+
+def test_audit_reader_vanishes_with_halt_stops_the_session(sandbox, up):
+    path, reader = _fifo(sandbox)
+    writer = os.open(path, os.O_WRONLY)
+    try:
+        s = Session(sandbox, up, extra=["--audit-fd", str(writer), "--audit-failure", "halt"],
+                    popen_kw={"pass_fds": (writer,)})
+    finally:
+        os.close(writer)
+    s.wait_held()
+    os.close(reader)
+    s.go()
+    rc, err, _events, _res = s.end()
+    lines = user_sees(err)
+    assert rc == 125, (rc, errors_of(lines))
+    assert any("halt" in m for m in errors_of(lines)), errors_of(lines)
+    assert up.served <= 1
+    s.assert_nothing_left()
+
+
+def test_dev_full_as_audit_log_refuses_to_start(sandbox, up):
+    """/dev/full is a character device: the first (durable) line fails with ENOSPC.
+    Nothing may run unaudited: agentpen must refuse, one line, 125."""
+    s = Session(sandbox, up, audit=Path("/dev/full"))
+    rc, err, _events, _res = s.end()
+    lines = user_sees(err)
+    assert rc == 125, (rc, errors_of(lines))
+    assert not (s.ctl / "held").exists() and up.accepted == 0
+    assert len(errors_of(lines)) == 1, errors_of(lines)
+    s.assert_nothing_left()
+
+
+def _fsize(limit: int):
+    def pre():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return pre
+
+
+def test_disk_fills_under_the_audit_log_mid_session(sandbox, up):
+    """RLIMIT_FSIZE on agentpen (its writes past the limit fail with EFBIG, like a full
+    disk): the log is prefilled so that the start fits and the session's later lines do
+    not. Default policy: new connections refused; torn lines are truncated away."""
+    audit = sandbox.root / "full.jsonl"
+    audit.write_bytes(b"")
+    limit = 12_000  # start-up lines (~8 KiB) fit; the connection lines do not
+    s = Session(sandbox, up, audit=audit, popen_kw={"preexec_fn": _fsize(limit)})
+    s.wait_held()
+    s.go()
+    rc, err, events, res = s.end()
+    lines = user_sees(err)
+    assert audit.stat().st_size <= limit
+    assert events and events[0]["event"]["action"] == "session-started"  # every line parses
+    print("FAULT disk-full", rc, res, errors_of(lines), actions(events)[-5:])
+    assert rc == CMD_EXIT
+    assert res["probe_ok"] is False, res  # no egress once nothing can be audited
+    assert any("audit sink failed" in m for m in errors_of(lines)), errors_of(lines)
+    s.assert_nothing_left()
+
+
+# -- out of descriptors -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("nofile", [8, 16, 24, 32, 48, 64, 96])
+def test_agentpen_with_too_few_descriptors(sandbox, up, nofile):
+    """ulimit -n low for agentpen itself: it runs, or refuses in one line with 125;
+    never a traceback, never a hang, nothing left behind."""
+
+    def pre():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
+    s = Session(sandbox, up, popen_kw={"preexec_fn": pre})
+    deadline = time.monotonic() + 60
+    while s.proc.poll() is None and not (s.ctl / "held").exists():
+        s.tree.scan()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    if (s.ctl / "held").exists():
+        s.go()
+    rc, err, events, res = s.end()
+    lines = user_sees(err)
+    print("FAULT nofile", nofile, rc, errors_of(lines)[:2], res)
+    if rc == CMD_EXIT:
+        assert res["served"] == 1 and res["probe_ok"], res
+    else:
+        assert rc == 125, (rc, errors_of(lines))
+        assert len(errors_of(lines)) == 1, errors_of(lines)
+        assert up.served == 0
+    for e in events:  # whatever was written parses (audit_lines) and ends properly
+        assert e["event"]["action"]
+    s.assert_nothing_left()
+
+
+def test_proxy_out_of_descriptors_caps_and_recovers(sandbox, up):
+    """A low hard RLIMIT_NOFILE (256) for the session: the proxy lowers its cap to
+    (256-64)/2 = 96 connections, refuses the excess (audited, connection-cap) rather
+    than failing accept() with EMFILE, never dies, and serves again once they close."""
+
+    def pre():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+    s = Session(sandbox, up, popen_kw={"preexec_fn": pre}, scenario="fds", n=150, exit_code=0)
+    rc, err, events, res = s.end(120)
+    user_sees(err)
+    acts = actions(events)
+    print("FAULT proxy-fds", rc, res, up.peak)
+    assert rc == 0
+    capped = [e for e in events if e["event"]["action"] == "connection-denied"
+              and e["event"].get("code") == "connection-cap"]
+    assert capped, acts[-10:]
+    assert res["held"] + sum(res["errors"].values()) >= 150
+    assert up.peak <= 96
+    assert res["probe_ok"], res
+    assert "worker-exited" not in acts and "worker-restarted" not in acts
+    s.assert_nothing_left()
