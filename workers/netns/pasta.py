@@ -183,6 +183,11 @@ def detect_features(pasta_path: str = "pasta", *, timeout: float = 5.0) -> Pasta
                 f"could not run {resolved} {flag}: {exc}",
                 "check that pasta runs for this user (pasta --help)",
             ) from exc
+        if out.returncode < 0:  # killed: say so, rather than blame missing options
+            raise NetnsSetupError(
+                f"{resolved} {flag} was killed by signal {signal.Signals(-out.returncode).name}",
+                "run agentpen again; if it recurs, check what kills pasta (pasta --help)",
+            )
         # 2023 pasta prints its help on stderr, interleaved with syslog noise.
         texts.append("\n".join(
             line for line in (out.stdout + "\n" + out.stderr).splitlines()
