@@ -15,6 +15,7 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -308,3 +309,31 @@ def test_signals_and_ptrace_cannot_reach_the_supervisor_or_workers(sandbox):
                and e.get("agentpen", {}).get("role") in ("proxy", "netns", "pasta")
                and e.get("agentpen", {}).get("signal")]
     assert crashed == [], crashed
+
+
+def test_no_descriptor_leaks_into_the_sandbox(prober, sandbox):
+    """No socket (channel to the supervisor, pasta's leaked listener, the proxy's listeners),
+    pidfd, memfd or host directory is open in any sandbox process."""
+    checks = [{"name": "scan", "op": "fd_scan"}, {"name": "pts", "op": "listdir", "path": "/dev/pts"}]
+    # control: the same scan on the host sees a socket the parent passed down
+    a, b = socket.socketpair()
+    try:
+        p = subprocess.run(prober.argv(checks), capture_output=True, text=True, timeout=60,
+                           pass_fds=(b.fileno(),), cwd=sandbox.project, stdin=subprocess.DEVNULL)
+    finally:
+        a.close()
+        b.close()
+    host = prober.parse(p.stdout)["scan"]["fds"]["self"]
+    assert any(t.startswith("socket:") for t in host.values()), host
+    res, _ = prober.inside(checks)
+    fds = res["scan"]["fds"]
+    assert "self" in fds and "1" in fds, fds  # the probe and bwrap's pid 1 were scanned
+    bad = {(pid, fd, t) for pid, m in fds.items() for fd, t in m.items()
+           if t.startswith(("socket:", "anon_inode:[pidfd]", "/memfd:", "anon_inode:bpf",
+                            "anon_inode:[io_uring]"))
+           or (t.startswith("/") and not t.startswith(("/dev/", "/proc/", str(sandbox.project))))}
+    assert bad == set(), bad
+    extra = {(pid, fd) for pid, m in fds.items() for fd in m if int(fd) > 2
+             and not m[fd].startswith(("anon_inode:[eventfd]", "/proc/"))}
+    assert extra == set(), fds
+    assert set(res["pts"]["entries"]) <= {"ptmx"}, res["pts"]  # a private devpts: no host terminals
