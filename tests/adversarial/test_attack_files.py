@@ -207,13 +207,14 @@ def _fsmonitor_fired(project: Path, marker: Path, cwd: Path) -> bool:
 
 @pytest.mark.xfail(strict=True, reason="HOLE: .git/commondir is writable; it redirects the host's git "
                    "to a project directory whose config (core.fsmonitor) runs on the next `git status`")
-def test_git_commondir_redirect_runs_nothing_on_the_host(sandbox):
+@pytest.mark.parametrize("profile", [[], ["--profile", "paranoid", "--apply"]], ids=["untrusted", "paranoid"])
+def test_git_commondir_redirect_runs_nothing_on_the_host(sandbox, profile):
     project = sandbox.project
     _git_project(project)
     marker = sandbox.root / "pwned-commondir"
     script = (f"cp -r .git evilgit && printf '[core]\\n\\tfsmonitor = \"touch {marker}; false\"\\n' "
               ">> evilgit/config && echo ../evilgit > .git/commondir; echo rc=$?")
-    r = sandbox.run("--", "sh", "-c", script)
+    r = sandbox.run(*profile, "--", "sh", "-c", script)
     assert "rc=0" in r.stdout, (r.stdout, r.stderr)  # the writes succeeded inside
     # the attack needs nothing but a `git status` by the user on the host
     assert not _fsmonitor_fired(project, marker, project), "host git ran the planted fsmonitor"
