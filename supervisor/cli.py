@@ -111,6 +111,10 @@ def _main(argv: list[str]) -> int:
         except AgentpenError as exc:
             stream.close()
             return _fail(exc, log)
+        except OSError as exc:
+            stream.close()
+            return _fail(AgentpenError(f"paranoid: cannot prepare the session copy: {exc}",
+                                       fix="check $XDG_STATE_HOME/agentpen is writable"), log)
         log.info("paranoid: the agent works on a throwaway copy of the project",
                  copy=policy.project_source, project=policy.project)
     if limits.describe():
@@ -128,8 +132,23 @@ def _main(argv: list[str]) -> int:
         stream.emit(learn.start_event(policy), sender="supervisor", pid=os.getpid(), durable=True)
     if policy.profile == "paranoid":
         enforced["project"] = "throwaway copy (paranoid)"
+    cgroup = None
     if limits.describe():
         enforced["limits"] = ", ".join(f"{k}={v}" for k, v in limits.describe().items())
+    if limits.memory or limits.max_procs:
+        # A total cap over the whole session where the user's cgroup tree is delegated;
+        # the per-process rlimits apply either way.
+        from agentpen.supervisor.cgroup import NotDelegated, SessionCgroup
+
+        try:
+            cgroup = SessionCgroup.create(policy.session_id, memory=limits.memory,
+                                          pids=limits.max_procs)
+            enforced["cgroup"] = cgroup.describe()
+            log.info("resource caps: cgroup v2 for the whole session", path=cgroup.path)
+        except NotDelegated as exc:
+            enforced["cgroup"] = f"none: {exc}"
+            log.info("resource caps: per-process rlimits only (no delegated cgroup v2)",
+                     reason=str(exc))
     session = Session(policy, stream, log, enforced=enforced)
     timer = paranoid.WallClock(limits.wall_time, session) if limits.wall_time else None
     try:
@@ -139,7 +158,9 @@ def _main(argv: list[str]) -> int:
             timer.cancel()
     if session.outcome.error:
         log.error(session.outcome.error, fix=session.outcome.fix, exit_status=status)
-    paranoid.audit_limits(stream, log, limits, session, timer)
+    paranoid.audit_limits(stream, log, limits, session, timer, cgroup)
+    if cgroup is not None:
+        cgroup.close()
     if policy.learn:
         from agentpen.supervisor import learn
 

@@ -132,20 +132,24 @@ def prepare(policy: SessionPolicy, state_dir: str) -> tuple[SessionPolicy, str]:
     os.makedirs(os.path.dirname(sdir), mode=0o700, exist_ok=True)
     os.mkdir(sdir, 0o700)
     os.chmod(sdir, 0o700)
-    copy = os.path.join(sdir, "project")
-    _copy_tree(policy.project, copy)
-    mounts: list[Mount] = []
-    for i, m in enumerate(policy.mounts):
-        if m.mode == "rw" and m.why != "--mount-rw" and os.path.exists(m.path):
-            # Agent config: the real one is never writable in paranoid; the agent
-            # writes to a private copy that is discarded with the session.
-            priv = os.path.join(sdir, "config", f"{i}-{os.path.basename(m.path)}")
-            os.makedirs(os.path.dirname(priv), mode=0o700, exist_ok=True)
-            _copy_tree(m.path, priv)
-            mounts.append(Mount(m.path, "rw", f"{m.why} (private copy; the real one is untouched)",
-                                source=priv))
-        else:
-            mounts.append(m)
+    try:
+        copy = os.path.join(sdir, "project")
+        _copy_tree(policy.project, copy)
+        mounts: list[Mount] = []
+        for i, m in enumerate(policy.mounts):
+            if m.mode == "rw" and m.why != "--mount-rw" and os.path.exists(m.path):
+                # Agent config: the real one is never writable in paranoid; the agent
+                # writes to a private copy that is discarded with the session.
+                priv = os.path.join(sdir, "config", f"{i}-{os.path.basename(m.path)}")
+                os.makedirs(os.path.dirname(priv), mode=0o700, exist_ok=True)
+                _copy_tree(m.path, priv)
+                mounts.append(Mount(m.path, "rw", f"{m.why} (private copy; the real one is untouched)",
+                                    source=priv))
+            else:
+                mounts.append(m)
+    except BaseException:
+        remove_session_dir(sdir)  # nothing ran yet: a half-made copy is of no use
+        raise
     return dataclasses.replace(policy, project_source=copy, mounts=mounts), sdir
 
 
@@ -326,7 +330,8 @@ class WallClock:
         signal.signal(signal.SIGALRM, self._old)
 
 
-def audit_limits(stream: Any, log: Any, limits: Limits, session: Any, timer: WallClock | None) -> None:
+def audit_limits(stream: Any, log: Any, limits: Limits, session: Any, timer: WallClock | None,
+                 cgroup: Any = None) -> None:
     import signal
 
     from agentpen.core.events import make_event
@@ -338,6 +343,14 @@ def audit_limits(stream: Any, log: Any, limits: Limits, session: Any, timer: Wal
     o = session.outcome
     if limits.cpu_time and (o.signal == signal.SIGXCPU or o.exit_code == 128 + signal.SIGXCPU):
         hits.append(("cpu_time", f"CPU-time limit of {limits.cpu_time}s reached (SIGXCPU)"))
+    if cgroup is not None:
+        ev = cgroup.events()
+        if ev["oom_kill"]:
+            hits.append(("memory", f"memory cap of the session cgroup reached: {ev['oom_kill']} "
+                                   "process(es) killed by the OOM killer"))
+        if ev["pids_max"]:
+            hits.append(("max_procs", f"process cap of the session cgroup reached "
+                                      f"{ev['pids_max']} time(s): fork refused"))
     for name, msg in hits:
         log.warning(msg)
         stream.emit(make_event(
