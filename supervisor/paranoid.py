@@ -229,6 +229,41 @@ def diff(real: str, copy: str, protected: Iterable[str] = ()) -> Changes:
     return ch
 
 
+# What a paranoid session may change inside a git directory and have applied: the data
+# a commit, a branch or a rebase writes. Anything else there (config, hooks, commondir,
+# worktrees/, modules/, info/, objects/info/alternates, a .git *file* = gitfile redirect)
+# can make the host's git run a program or read another repository: refused, reported,
+# left in the session copy. The persistence covers protect some of these inside the
+# sandbox; this list does not depend on them being complete.
+GIT_DATA_DIRS = ("objects", "refs", "logs")
+GIT_DATA_FILES = ("HEAD", "ORIG_HEAD", "FETCH_HEAD", "MERGE_HEAD", "MERGE_MSG", "MERGE_MODE",
+                  "CHERRY_PICK_HEAD", "REVERT_HEAD", "AUTO_MERGE", "packed-refs", "index",
+                  "COMMIT_EDITMSG", "description", "shallow")
+
+
+def git_refusal(rel: str, copy: str) -> str | None:
+    """Why a change at project-relative `rel` must not be applied, or None."""
+    parts = rel.split("/")
+    for i, part in enumerate(parts):
+        if part != ".git":
+            continue
+        inner = parts[i + 1:]
+        if not inner:
+            full = os.path.join(copy, rel)
+            if os.path.lexists(full) and not (os.path.isdir(full) and not os.path.islink(full)):
+                return "a .git file or link redirects git to another directory"
+            return None  # the directory itself (created or its mode)
+        if inner[0] in GIT_DATA_DIRS:
+            if inner[0] == "objects" and len(inner) > 1 and inner[1] == "info":
+                return "objects/info (alternates) makes git read another object store"
+            return None
+        if inner[0] in GIT_DATA_FILES and len(inner) == 1:
+            return None
+        return (f".git/{inner[0]} is git configuration, not repository data (it can make the "
+                "host's git run programs or read another repository)")
+    return None
+
+
 def _safe_parent(real_root: str, rel: str) -> str:
     """The real path for rel, refusing when any existing parent is not a directory
     of the project (a symlink planted in the real project meanwhile)."""
@@ -244,6 +279,13 @@ def apply(real: str, copy: str, ch: Changes) -> list[str]:
     """Make the real project match the copy for the listed changes. Symlinks are
     copied as symlinks, never followed. Returns the paths that could not be applied."""
     failed: list[str] = []
+    for rel in [*ch.deleted, *ch.added, *ch.changed]:
+        why = git_refusal(rel, copy)
+        if why:
+            failed.append(f"{rel}: refused: {why}")
+    refused = {f.split(": refused: ")[0] for f in failed}
+    ch = Changes([r for r in ch.added if r not in refused], [r for r in ch.changed if r not in refused],
+                 [r for r in ch.deleted if r not in refused])
     for rel in sorted(ch.deleted, key=lambda r: -r.count("/")):
         try:
             path = _safe_parent(real, rel)

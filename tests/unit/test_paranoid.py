@@ -129,3 +129,35 @@ def test_learn_summary():
     assert '[agents.claude]\n  add_hosts = ["a.example", "b.example"]' in text
     assert 'allow = ["x.example"]' in summary({"x.example": 1}, None, None)
     assert "would have let everything through" in summary({}, None, None)
+
+
+@pytest.mark.parametrize("rel, refused", [
+    (".git/objects/ab/cdef", False), (".git/refs/heads/main", False), (".git/HEAD", False),
+    (".git/index", False), (".git/logs/HEAD", False), (".git/packed-refs", False),
+    (".git/commondir", True), (".git/config", True), (".git/hooks/pre-commit", True),
+    (".git/worktrees/x/gitdir", True), (".git/modules/m/config", True), (".git/info/attributes", True),
+    (".git/objects/info/alternates", True), ("sub/.git/config", True), ("sub/.git/HEAD", False),
+    ("src/main.py", False), ("evilgit/config", False),
+])
+def test_git_refusal(tmp_path, rel, refused):
+    assert (paranoid.git_refusal(rel, str(tmp_path)) is not None) is refused
+
+
+def test_a_gitfile_is_refused(tmp_path):
+    (tmp_path / ".git").write_text("gitdir: /elsewhere\n")
+    assert "redirects" in paranoid.git_refusal(".git", str(tmp_path))
+    (tmp_path / "repo" / ".git").mkdir(parents=True)
+    assert paranoid.git_refusal("repo/.git", str(tmp_path)) is None
+
+
+def test_apply_refuses_git_configuration_but_applies_commits(tmp_path):
+    real, copy = tmp_path / "real", tmp_path / "copy"
+    _tree(real, {".git/HEAD": "ref: refs/heads/main\n"})
+    _tree(copy, {".git/HEAD": "ref: refs/heads/main\n", ".git/commondir": "../evilgit\n",
+                 ".git/refs/heads/main": "abc\n", ".git/objects/ab/cd": "obj", "evilgit/config": "[core]\n"})
+    ch = paranoid.diff(str(real), str(copy))
+    failed = paranoid.apply(str(real), str(copy), ch)
+    assert [f.split(":")[0] for f in failed] == [".git/commondir"]
+    assert not (real / ".git" / "commondir").exists()
+    assert (real / ".git" / "refs" / "heads" / "main").read_text() == "abc\n"  # control
+    assert (real / ".git" / "objects" / "ab" / "cd").exists()
