@@ -113,11 +113,12 @@ def op_tcp(host: str, port: int, timeout: float = 3.0, send: str = "", **_: obje
         s.close()
 
 
-def op_udp(host: str, port: int, payload: str = "ping", timeout: float = 1.0, **_: object) -> dict:
+def op_udp(host: str, port: int, payload: str = "ping", timeout: float = 1.0, payload_hex: str = "",
+           **_: object) -> dict:
     s = socket.socket(_family(host), socket.SOCK_DGRAM)
     s.settimeout(timeout)
     try:
-        s.sendto(payload.encode(), (host, port))
+        s.sendto(bytes.fromhex(payload_hex) if payload_hex else payload.encode(), (host, port))
         try:
             data, _addr = s.recvfrom(4096)
         except TimeoutError:

@@ -4,6 +4,7 @@ Through the full `agentpen` command as an unprivileged user; each refusal has a 
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import errno
 import json
@@ -314,6 +315,30 @@ def test_dns_is_no_side_channel(prober, sandbox, upstream):
     refused = {e["dns"]["question"]["name"] for e in run.audit() if e["event"]["action"] == "dns-refused"}
     assert set(exfil) <= refused, refused  # the attempt is visible in the audit stream
     assert upstream.accepted == 0
+
+
+# A DNS query whose question has a 66-byte label: dnslib parses it but cannot pack a reply
+# for it (found by tests/fuzz/fuzz_policy.py, crash-4c500f0f...).
+FUZZ_CRASH = base64.b64decode(
+    "APAAAAABAAAAAAAAAgAAAQAhAAAAAAAAAgAAAQAAAAAAAAAAAAAAQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJC"
+    "QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJC"
+    "QkJCQkJCQkIAAAABAAAAAAAAAAACAAABAAEAAAAAAAACAAABAAAAAAAAAAAAAAAAAAABAAAAAAAAAI8=")
+
+
+def test_hostile_dns_datagrams_do_not_take_the_resolver_down(prober, upstream):
+    long_label = (b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + b"\x40" + b"a" * 64
+                  + b"\x03com\x00\x00\x01\x00\x01")
+    checks = [{"name": "fuzz_crash", "op": "udp", "host": "127.0.0.1", "port": 53,
+               "payload_hex": FUZZ_CRASH.hex()},
+              {"name": "long_label", "op": "udp", "host": "::1", "port": 53, "payload_hex": long_label.hex()},
+              {"name": "after", "op": "dns", "server": "127.0.0.1", "qname": upstream.name},
+              {"name": "gai_after", "op": "getaddrinfo", "host": upstream.name}]
+    res, run = prober.inside(checks, "--allow", upstream.name)
+    # the resolver still answers the allowed name afterwards, and the session ends normally
+    assert res["after"]["ok"] and res["after"]["rcode"] == 0 and res["after"]["answers"] == 1, res
+    assert res["gai_after"]["ok"], res["gai_after"]
+    actions = run.actions()
+    assert actions[-1] == "session-ended" and run.audit()[-1]["event"]["outcome"] == "success", actions
 
 
 # -- the proxy must not dial a private address -----------------------------------------

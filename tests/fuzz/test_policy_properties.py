@@ -231,6 +231,18 @@ def test_dns_random_datagrams_never_get_an_address(data: bytes) -> None:
         assert str(rr.rname).rstrip(".").lower() == "api.example.com"
 
 
+def test_dns_regression_unpackable_question() -> None:
+    """fuzz_policy.py found it: dnslib parses a 64-byte label but cannot pack the reply;
+    answer() raised, and one datagram from the sandbox took the netns worker down."""
+    al = Allowlist(["api.example.com"])
+    query = (b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x40" + b"a" * 64
+             + b"\x03com\x00\x00\x01\x00\x01")
+    reply, decision = answer(query, al.match, learn=False)
+    assert decision.verdict == "malformed" and reply is not None
+    rec = DNSRecord.parse(reply)
+    assert rec.header.rcode == 1 and not rec.rr  # FORMERR, header only
+
+
 @pytest.mark.parametrize("entry", ["*.com", "*", "localhost", "127.0.0.1", "0x7f.1", "vm", "runsc"])
 def test_control_refusals_still_refuse(entry: str) -> None:
     """Positive control for the properties above: the oracle functions see real refusals."""

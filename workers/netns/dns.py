@@ -22,6 +22,8 @@ from agentpen.core.events import make_event
 from agentpen.workers.netns.errors import NetnsSetupError
 from dnslib import AAAA, EDNS0, QTYPE, RCODE, RR, A, DNSError, DNSHeader, DNSRecord, EDNSOption
 from dnslib.buffer import Buffer
+from dnslib.buffer import BufferError as DNSBufferError
+from dnslib.label import DNSLabelError
 
 Matcher = Callable[[str], "str | None"]
 
@@ -70,13 +72,26 @@ def _formerr(query: bytes) -> bytes | None:
     return bytes(buf.data)
 
 
+# DNSLabelError and dnslib's BufferError are not DNSError subclasses.
+_PARSE_ERRORS = (DNSError, DNSLabelError, DNSBufferError, ValueError, IndexError, UnicodeError,
+                 TypeError)
+
+
 def answer(query: bytes, matcher: Matcher, *, learn: bool) -> tuple[bytes | None, DnsDecision]:
-    """Pure: the reply to one DNS query (None: send nothing) and what was decided."""
+    """Pure: the reply to one DNS query (None: send nothing) and what was decided.
+
+    Never raises on any input: dnslib parses some questions it cannot pack again (a label
+    over 63 bytes: found by tests/fuzz/fuzz_policy.py), and an exception here would take the
+    netns worker, and with it the session, down. Those get a header-only FORMERR."""
     try:
-        req = DNSRecord.parse(query)
-    except (DNSError, ValueError, IndexError, UnicodeError, TypeError):
+        return _answer(query, matcher, learn=learn)
+    except _PARSE_ERRORS:
         reply = _formerr(query)
         return reply, DnsDecision("malformed", rcode="FORMERR" if reply else None)
+
+
+def _answer(query: bytes, matcher: Matcher, *, learn: bool) -> tuple[bytes | None, DnsDecision]:
+    req = DNSRecord.parse(query)
     if req.header.qr:
         return None, DnsDecision("ignored")
     reply = req.reply()  # same id, rd copied, qr=1, ra=1
@@ -206,7 +221,7 @@ class DnsServer:
         self.audit = audit or DnsAudit()
         self.budget = budget  # datagrams per handle_readable call: fair to other fds
         self.stats = {"queries": 0, "allowed": 0, "learned": 0, "refused": 0,
-                      "malformed": 0, "send_failed": 0}
+                      "malformed": 0, "send_failed": 0, "errors": 0}
         self.socks: dict[int, socket.socket] = {}
         try:
             for addr in addresses:
@@ -247,7 +262,11 @@ class DnsServer:
             except OSError:  # e.g. ICMP error queued from an earlier send: skip it
                 continue
             self.stats["queries"] += 1
-            reply, decision = answer(data, self.matcher, learn=self.learn)
+            try:
+                reply, decision = answer(data, self.matcher, learn=self.learn)
+            except Exception:  # a bug must not stop the resolver: no answer (closed), counted
+                self.stats["errors"] += 1
+                continue
             if decision.verdict in self.stats:
                 self.stats[decision.verdict] += 1
             if reply is not None:
