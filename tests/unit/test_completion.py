@@ -103,3 +103,21 @@ def test_man_page_lists_every_option_and_renders():
                              text=True, timeout=30, env={"MANWIDTH": "100", "PATH": "/usr/bin:/bin"})
         assert out.returncode == 0 and not out.stderr.strip(), out.stderr
         assert "--learn" in out.stdout and "config.toml" in out.stdout
+
+
+def test_cli_subcommands(capsys, monkeypatch, tmp_path):
+    from agentpen.supervisor.cli import main
+
+    assert main(["completion", "bash"]) == 0 and "complete -F _agentpen agentpen" in capsys.readouterr().out
+    assert main(["man"]) == 0 and capsys.readouterr().out.startswith(".TH AGENTPEN 1")
+    assert main(["completion"]) == 125 and "usage: agentpen completion" in capsys.readouterr().err
+    cfg = tmp_path / "agentpen"
+    cfg.mkdir()
+    (cfg / "config.toml").write_text("[defaults]\nallow = 3\n")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    assert main(["config", "show"]) == 125
+    err = capsys.readouterr().err
+    assert "config.toml:2: key defaults.allow: must be a list" in err
+    (cfg / "config.toml").write_text("[defaults]\nallow = []\n")
+    assert main(["--profile", "nope", "--", "true"]) == 125
+    assert "unknown profile" in capsys.readouterr().err
