@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -106,6 +107,7 @@ class NetnsWorker:
     def spawn(cls, policy: SessionPolicy, pasta_path: str = "pasta") -> NetnsWorker:
         from agentpen.workers.netns.pasta import detect_features, pasta_argv, spawn_pasta
 
+        verifier = _fork_verifier()  # first: pyroute2's import overlaps all that follows
         features = detect_features(pasta_path)
         sup, wk = channel_pair()
         # The command keeps the user's terminal: hand duplicates of 0/1/2 through pasta
@@ -115,15 +117,21 @@ class NetnsWorker:
             sys.executable, "-I", "-m", "agentpen.workers.netns",
             "--channel-fd", str(wk.fileno()), "--stdio", ",".join(map(str, stdio)),
         ]
+        extra = []
+        if verifier is not None:
+            inner += ["--verifier-fd", str(verifier.fileno())]
+            extra.append(verifier.fileno())
         try:
             proc = spawn_pasta(
                 pasta_argv(policy, inner, features),
-                pass_fds=[wk.fileno(), *stdio],
+                pass_fds=[wk.fileno(), *stdio, *extra],
                 env=minimal_env(),
                 stdout=subprocess.DEVNULL,
             )
         finally:
             wk.close()
+            if verifier is not None:
+                verifier.close()  # the worker's copy (through pasta) is the only one left
             for fd in stdio:
                 os.close(fd)
         os.set_blocking(proc.stderr.fileno(), False)  # type: ignore[union-attr]
@@ -137,6 +145,43 @@ class NetnsWorker:
         if self.pasta.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.pasta.pid, signal.SIGKILL)
+
+
+def _fork_verifier() -> socket.socket | None:
+    """Fork the process that verifies the sandbox's network with pyroute2 (issue 10).
+
+    It starts importing pyroute2 (120-300 ms here) before pasta is even started, and
+    later receives a NETLINK_ROUTE socket that the netns worker creates inside the
+    namespace (workers/netns/main.RemoteVerifier: same dump, same check, same point of
+    the worker's order, fail closed). Double fork: the verifier is nobody's child to
+    reap; it ends when the worker's end of the socket closes. Every descriptor but its
+    socket is closed, stdio goes to /dev/null, signals stay blocked as the supervisor's
+    are. None (the worker forks its own verifier) when another thread runs: forking
+    then could copy a held lock."""
+    if threading.active_count() != 1:
+        return None
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    pid = os.fork()
+    if pid == 0:  # intermediate: fork the verifier, exit at once
+        try:
+            if os.fork() == 0:
+                try:
+                    null = os.open(os.devnull, os.O_RDWR)
+                    for fd in (0, 1, 2):
+                        os.dup2(null, fd)
+                    from agentpen.core.osutil import close_fds_except
+
+                    close_fds_except({theirs.fileno()})
+                    from agentpen.workers.netns.main import serve_remote_verifier
+
+                    serve_remote_verifier(theirs.fileno())
+                finally:
+                    os._exit(0)
+        finally:
+            os._exit(0)
+    theirs.close()
+    os.waitpid(pid, 0)
+    return ours
 
 
 def _proxy_entry(channel_fd: int, listen_fds: list[int], policy_json: dict, incarnation: int,

@@ -35,7 +35,7 @@ import os
 import signal
 import sys
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from agentpen.core.channel import Channel
@@ -155,18 +155,7 @@ class Verifier:
             self.reaped = True
         if not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0:
             raise _Fatal(f"the namespace verifier died ({_wait_text(status)}) before reporting")
-        try:
-            out = json.loads(data)
-        except ValueError:
-            raise _Fatal("the namespace verifier sent an unreadable result") from None
-        if not isinstance(out, dict) or ("state" in out) == ("error" in out):
-            raise _Fatal("the namespace verifier sent an unexpected result")
-        if "error" in out:
-            raise _Fatal(str(out["error"]), out.get("fix"))
-        state = out["state"]
-        if not isinstance(state, dict) or state.get("closed") is not True:
-            raise _Fatal("the namespace verifier did not report a closed namespace")
-        return state
+        return _verifier_result(data)
 
     def abandon(self) -> None:
         """Setup failed elsewhere: end the child and reap it."""
@@ -185,13 +174,149 @@ class Verifier:
         self.reaped = True
 
 
+def _verifier_result(data: bytes) -> dict:
+    """The verified state from a verifier's one JSON line, or _Fatal (fail closed)."""
+    if not data:
+        raise _Fatal("the namespace verifier ended without reporting")
+    try:
+        out = json.loads(data)
+    except ValueError:
+        raise _Fatal("the namespace verifier sent an unreadable result") from None
+    if not isinstance(out, dict) or ("state" in out) == ("error" in out):
+        raise _Fatal("the namespace verifier sent an unexpected result")
+    if "error" in out:
+        raise _Fatal(str(out["error"]), out.get("fix"))
+    state = out["state"]
+    if not isinstance(state, dict) or state.get("closed") is not True:
+        raise _Fatal("the namespace verifier did not report a closed namespace")
+    return state
+
+
+class RemoteVerifier:
+    """pyroute2 verification by a process the supervisor forked before it started pasta
+    (supervisor/workers.py), so that pyroute2's import overlaps pasta's start and this
+    worker's own start-up instead of following them.
+
+    ``dump()`` creates a NETLINK_ROUTE socket here, in the sandbox's namespace, and
+    passes it over the verifier socket (SCM_RIGHTS): netlink answers for the namespace
+    a socket was created in, whoever holds it. The verifier runs the same pyroute2 dump
+    and ``verify.check_state()`` on it and answers one JSON line (``serve_remote_verifier``).
+    Same point of the order as before (after nft), same check, fail closed."""
+
+    def __init__(self, fd: int) -> None:
+        import socket
+
+        self.sock: Any = socket.socket(fileno=fd)
+
+    def dump(self) -> None:
+        import socket
+
+        nl = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, socket.NETLINK_ROUTE)
+        try:
+            socket.send_fds(self.sock, [b"v"], [nl.fileno()])
+        except OSError:
+            pass  # the verifier is gone: result() reports it
+        finally:
+            nl.close()
+
+    def result(self) -> dict:
+        data = b""
+        try:
+            while chunk := self.sock.recv(65536):
+                data += chunk
+        except OSError as exc:
+            raise _Fatal(f"the namespace verifier could not be read: {exc}") from None
+        finally:
+            self.abandon()
+        return _verifier_result(data)
+
+    def abandon(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+def pyroute2_state(fd: int) -> dict:
+    """verify_closed_namespace() over a given NETLINK_ROUTE socket (SOCK_DGRAM: what
+    pyroute2 0.9 accepts for fileno=): links, addresses, routes of every table, IPv4 and
+    IPv6, through verify.check_state(). Raises NetnsSetupError like it."""
+    import socket
+
+    from agentpen.workers.netns import verify
+    from agentpen.workers.netns.errors import NetnsSetupError
+    from pyroute2 import IPRoute
+
+    links: list = []
+    addresses: list = []
+    routes: list = []
+    with IPRoute(fileno=fd) as ipr:
+        for msg in ipr.get_links():
+            links.append(verify.Link(int(msg["index"]), str(msg.get_attr("IFLA_IFNAME")),
+                                     bool(msg["flags"] & verify.IFF_UP)))
+        for msg in ipr.get_addr():
+            addresses.append(verify.Address(int(msg["index"]), int(msg["family"]),
+                                            str(msg.get_attr("IFA_ADDRESS")), int(msg["prefixlen"])))
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for msg in ipr.route("dump", family=family):  # every table, not just main
+                table = msg.get_attr("RTA_TABLE")
+                routes.append(verify.Route(
+                    family=int(family), table=int(table if table is not None else msg["table"]),
+                    type=int(msg["type"]), dst=msg.get_attr("RTA_DST"), dst_len=int(msg["dst_len"]),
+                    oif=msg.get_attr("RTA_OIF"), gateway=msg.get_attr("RTA_GATEWAY"),
+                    multipath=msg.get_attr("RTA_MULTIPATH") is not None,
+                ))
+    problems = verify.check_state(links, addresses, routes)
+    if problems:
+        raise NetnsSetupError(
+            "the sandbox network namespace is not closed: " + "; ".join(problems[:8]),
+            "pasta must run without --config-net, --address, --gateway or any route "
+            "options; if your pasta configures the interface by itself, report it",
+        )
+    return verify.describe(links, addresses, routes)
+
+
+def serve_remote_verifier(fd: int) -> None:
+    """The verifier process's body (forked by the supervisor, every other descriptor
+    closed): import pyroute2 now, wait for the netlink socket, answer, return."""
+    import socket
+
+    sock = socket.socket(fileno=fd)
+    with contextlib.suppress(ImportError):  # reported by the dump below: fail closed
+        import pyroute2  # noqa: F401  # the cost we are here to pay early
+    try:
+        msg, fds, _, _ = socket.recv_fds(sock, 16, 1)
+    except OSError:
+        return
+    if msg != b"v" or len(fds) != 1:
+        for x in fds:
+            os.close(x)
+        return  # EOF (the worker gave up) or garbage: nothing to verify
+    from agentpen.workers.netns.errors import NetnsSetupError
+
+    try:
+        out: dict = {"state": pyroute2_state(fds[0])}
+    except NetnsSetupError as exc:
+        out = {"error": exc.what, "fix": exc.how_to_fix}
+    except ImportError as exc:
+        out = {"error": f"pyroute2 is not importable: {exc}",
+               "fix": "install agentpen with its dependencies (pip install pyroute2)"}
+    except Exception as exc:  # reported, never swallowed: fail closed
+        out = {"error": f"verification failed: {type(exc).__name__}: {exc}"}
+    finally:
+        with contextlib.suppress(OSError):  # pyroute2 closes it on exit
+            os.close(fds[0])
+    with contextlib.suppress(OSError):
+        sock.sendall((json.dumps(out) + "\n").encode())
+    sock.close()
+
+
 def _wait_text(status: int) -> str:
     if os.WIFSIGNALED(status):
         return f"signal {os.WTERMSIG(status)}"
     return f"status {os.WEXITSTATUS(status)}"
 
 
-def setup(ch: Channel, policy: SessionPolicy, verifier: Verifier | None = None):
+def setup(ch: Channel, policy: SessionPolicy, verifier: Verifier | RemoteVerifier | None = None):
     """Steps 2-4. Returns the DNS server (already holding its sockets)."""
     from agentpen.workers.netns import fds, listeners, nftables, verify
     from agentpen.workers.netns.dns import DnsServer
@@ -359,19 +484,26 @@ def _relay_status(ch: Channel, line: bytes) -> str | None:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 4 or argv[0] != "--channel-fd" or argv[2] != "--stdio":
+    if len(argv) not in (4, 6) or argv[0] != "--channel-fd" or argv[2] != "--stdio" or (
+            len(argv) == 6 and argv[4] != "--verifier-fd"):
         print("usage: python -m agentpen.workers.netns --channel-fd N --stdio I,O,E "
-              "(started by agentpen)", file=sys.stderr)
+              "[--verifier-fd V] (started by agentpen)", file=sys.stderr)
         return 2
     stdio = [int(x) for x in argv[3].split(",")]
     channel_fd = int(argv[1])
-    # First act: pyroute2's import runs in the verifier child, on the other core,
-    # from here on (the child closes every descriptor but its two pipes at once).
-    verifier = Verifier.start()
+    verifier: Verifier | RemoteVerifier
+    if len(argv) == 6:  # the supervisor's verifier has been importing pyroute2 since before pasta
+        verifier = RemoteVerifier(int(argv[5]))
+        keep = {verifier.sock.fileno()}
+    else:
+        # First act: pyroute2's import runs in the verifier child, on the other core,
+        # from here on (the child closes every descriptor but its two pipes at once).
+        verifier = Verifier.start()
+        keep = {verifier.go_w, verifier.res_r}
     _load()
     # Keep only what the supervisor gave us: pasta 2023 leaves its own host-side
     # sockets (a --publish listener) inheritable in its child.
-    osutil.close_fds_except({channel_fd, *stdio, verifier.go_w, verifier.res_r})
+    osutil.close_fds_except({channel_fd, *stdio, *keep})
     # Die with pasta (and pasta dies with the supervisor): nothing outlives a session.
     osutil.set_pdeathsig(signal.SIGKILL, expected_parent=os.getppid())
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
