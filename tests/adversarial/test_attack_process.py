@@ -337,3 +337,34 @@ def test_no_descriptor_leaks_into_the_sandbox(prober, sandbox):
              and not m[fd].startswith(("anon_inode:[eventfd]", "/proc/"))}
     assert extra == set(), fds
     assert set(res["pts"]["entries"]) <= {"ptmx"}, res["pts"]  # a private devpts: no host terminals
+
+
+PROC_WRITES = {
+    "core_pattern": "/proc/sys/kernel/core_pattern",  # classic escape: a host-run helper
+    "sysrq": "/proc/sysrq-trigger",
+    "ping_group_range": "/proc/sys/net/ipv4/ping_group_range",
+    "ip_forward": "/proc/sys/net/ipv4/ip_forward",
+    "disable_ipv6": "/proc/sys/net/ipv6/conf/all/disable_ipv6",
+    "uid_map": "/proc/self/uid_map",
+}
+
+
+def test_no_privilege_from_proc_or_setuid(prober, sandbox):
+    checks = [{"name": k, "op": "write", "path": v, "data": "1\n"} for k, v in PROC_WRITES.items()]
+    checks += [
+        {"name": "control", "op": "write", "path": str(sandbox.project / ".writable")},
+        {"name": "status", "op": "read", "path": "/proc/self/status"},
+        {"name": "setuid_mount", "op": "run", "argv": ["/usr/bin/mount", "-t", "tmpfs", "none", "/tmp"]},
+        {"name": "setuid_su", "op": "run", "argv": ["/usr/bin/su", "-c", "id -u", "root"], "timeout": 10},
+    ]
+    res, _ = prober.inside(checks)
+    assert res["control"]["ok"], res["control"]  # the write op works
+    for k in PROC_WRITES:
+        refused = (errno.EROFS, errno.EACCES, EPERM, errno.ENOENT)  # ENOENT: sysrq absent here
+        assert not res[k]["ok"] and res[k]["errno"] in refused, (k, res[k])
+    status = dict(line.split(":\t", 1) for line in res["status"]["data"].splitlines() if ":\t" in line)
+    assert status["NoNewPrivs"].strip() == "1" and int(status["CapEff"], 16) == 0, status
+    assert not res["setuid_mount"]["ok"] and not res["setuid_su"]["ok"]
+    assert "0\n" not in res["setuid_su"]["out"]
+    # control: those binaries are setuid root on the host
+    assert all(os.stat(b).st_mode & 0o4000 for b in ("/usr/bin/mount", "/usr/bin/su"))
