@@ -131,7 +131,9 @@ def _main(argv: list[str]) -> int:
         log.warning(learn.WARNING)
         stream.emit(learn.start_event(policy), sender="supervisor", pid=os.getpid(), durable=True)
     if policy.profile == "paranoid":
-        enforced["project"] = "throwaway copy (paranoid)"
+        enforced["project"] = f"throwaway copy (paranoid): {policy.project_source}"
+        enforced["agent_config"] = ", ".join(f"{m.path} -> {m.source}" for m in policy.mounts
+                                             if m.source) or "none"
     cgroup = None
     if limits.describe():
         enforced["limits"] = ", ".join(f"{k}={v}" for k, v in limits.describe().items())
