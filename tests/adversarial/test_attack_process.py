@@ -355,7 +355,7 @@ def test_no_privilege_from_proc_or_setuid(prober, sandbox):
         {"name": "control", "op": "write", "path": str(sandbox.project / ".writable")},
         {"name": "status", "op": "read", "path": "/proc/self/status"},
         {"name": "setuid_mount", "op": "run", "argv": ["/usr/bin/mount", "-t", "tmpfs", "none", "/tmp"]},
-        {"name": "setuid_su", "op": "run", "argv": ["/usr/bin/su", "-c", "id -u", "root"], "timeout": 10},
+        {"name": "setuid_umount", "op": "run", "argv": ["/usr/bin/umount", "-l", "/tmp"]},
     ]
     res, _ = prober.inside(checks)
     assert res["control"]["ok"], res["control"]  # the write op works
@@ -364,7 +364,7 @@ def test_no_privilege_from_proc_or_setuid(prober, sandbox):
         assert not res[k]["ok"] and res[k]["errno"] in refused, (k, res[k])
     status = dict(line.split(":\t", 1) for line in res["status"]["data"].splitlines() if ":\t" in line)
     assert status["NoNewPrivs"].strip() == "1" and int(status["CapEff"], 16) == 0, status
-    assert not res["setuid_mount"]["ok"] and not res["setuid_su"]["ok"]
-    assert "0\n" not in res["setuid_su"]["out"]
-    # control: those binaries are setuid root on the host
-    assert all(os.stat(b).st_mode & 0o4000 for b in ("/usr/bin/mount", "/usr/bin/su"))
+    assert not res["setuid_mount"]["ok"] and not res["setuid_umount"]["ok"]
+    # control: those binaries are setuid root on the host (su is left out: PAM's failure
+    # delay costs seconds; no_new_privs covers every setuid binary alike)
+    assert all(os.stat(b).st_mode & 0o4000 for b in ("/usr/bin/mount", "/usr/bin/umount"))
