@@ -97,6 +97,11 @@ CASES: dict[str, tuple[bytes, int, bool]] = {
 def test_sni_tricks_allowed_only_when_the_normalised_name_is_exactly_allowed(prober, sandbox, upstream):
     checks = [{"name": k, "op": "tls_hello", "host": "127.0.0.1", "port": 443, "hello_hex": v[0].hex(),
                "chunk": v[1]} for k, v in CASES.items()]
+    # the IPv6 listener ([::1]:443) judges the same way
+    checks += [{"name": "v6_exact", "op": "tls_hello", "host": "::1", "port": 443,
+                "hello_hex": hello([A]).hex()},
+               {"name": "v6_unlisted", "op": "tls_hello", "host": "::1", "port": 443,
+                "hello_hex": hello([b"evil.example.net"]).hex()}]
     # Barrier: an allowed connection is dialled only after the supervisor ACKed its event,
     # and the proxy's channel is in order, so once it is answered every verdict above has
     # reached the supervisor (events still in flight at exit are lost: see the xfail below).
@@ -120,7 +125,9 @@ def test_sni_tricks_allowed_only_when_the_normalised_name_is_exactly_allowed(pro
             assert r["alert_desc"] != 49, (name, r)  # not the proxy's access_denied
         else:
             assert acts == ["connection-denied"], (name, acts, r)
-    n_allowed = sum(1 for v in CASES.values() if v[2]) + 1  # + the barrier
+    v6 = {k: by_port.get(res[k]["local_port"], []) for k in ("v6_exact", "v6_unlisted")}
+    assert v6 == {"v6_exact": ["connection-allowed"], "v6_unlisted": ["connection-denied"]}, v6
+    n_allowed = sum(1 for v in CASES.values() if v[2]) + 2  # + v6_exact and the barrier
     assert upstream.accepted == n_allowed, (upstream.accepted, verdicts)
     # a well-formed hello for another name gets a TLS access_denied alert; malformed ones
     # are closed without a word
