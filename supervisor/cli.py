@@ -101,13 +101,14 @@ def _main(argv: list[str]) -> int:
 
     limits = paranoid.limits_from(opts, paranoid=policy.profile == "paranoid")
     session_dir = None
+    start = None
     if limits.rlimits():
         import dataclasses
 
         policy = dataclasses.replace(policy, rlimits=limits.rlimits())
     if policy.profile == "paranoid":
         try:
-            policy, session_dir = paranoid.prepare(policy, sdir_state)
+            policy, session_dir, start = paranoid.prepare(policy, sdir_state)
         except AgentpenError as exc:
             stream.close()
             return _fail(exc, log)
@@ -168,7 +169,7 @@ def _main(argv: list[str]) -> int:
 
         print(learn.summary(session.learned, policy.agent, cfg.path), file=sys.stderr)
     if session_dir is not None:
-        paranoid.finish(policy, session_dir, opts, stream, log)
+        paranoid.finish(policy, session_dir, opts, stream, log, start)
     stream.close()
     return status
 

@@ -125,7 +125,16 @@ def _copy_tree(src: str, dst: str) -> None:
                           fix="free space in $XDG_STATE_HOME, or use the untrusted profile")
 
 
-def prepare(policy: SessionPolicy, state_dir: str) -> tuple[SessionPolicy, str]:
+@dataclass
+class Start:
+    """Snapshots taken at the start: the real project (to spot the user's own edits
+    during the session) and the fresh copy (to spot the session's)."""
+
+    real: dict[str, Entry]
+    copy: dict[str, Entry]
+
+
+def prepare(policy: SessionPolicy, state_dir: str) -> tuple[SessionPolicy, str, Start]:
     """Create the session directory, copy the project and the agent's writable config
     into it, and return the policy that binds the copies in their place."""
     sdir = session_dir(state_dir, policy.session_id)
@@ -134,7 +143,9 @@ def prepare(policy: SessionPolicy, state_dir: str) -> tuple[SessionPolicy, str]:
     os.chmod(sdir, 0o700)
     try:
         copy = os.path.join(sdir, "project")
+        real_snap = snapshot(policy.project)
         _copy_tree(policy.project, copy)
+        start = Start(real_snap, snapshot(copy))
         mounts: list[Mount] = []
         for i, m in enumerate(policy.mounts):
             if m.mode == "rw" and m.why != "--mount-rw" and os.path.exists(m.path):
@@ -150,7 +161,7 @@ def prepare(policy: SessionPolicy, state_dir: str) -> tuple[SessionPolicy, str]:
     except BaseException:
         remove_session_dir(sdir)  # nothing ran yet: a half-made copy is of no use
         raise
-    return dataclasses.replace(policy, project_source=copy, mounts=mounts), sdir
+    return dataclasses.replace(policy, project_source=copy, mounts=mounts), sdir, start
 
 
 # -- the changes ------------------------------------------------------------------------
@@ -202,10 +213,58 @@ def _same(a: str, sa: os.stat_result, b: str, sb: os.stat_result) -> bool:
     return True
 
 
-def diff(real: str, copy: str, protected: Iterable[str] = ()) -> Changes:
-    """What the session changed: the copy against the real project. Protected paths
-    (read-only inside, so only bwrap's placeholders can differ) are left out."""
+Entry = tuple[int, int, int, int, str]  # (type, mode, size, mtime_ns, link target)
+
+
+def entry(st: os.stat_result, path: str) -> Entry:
+    """What identifies a version of a path: for files type, mode, size and mtime (cp -a
+    keeps them); directories by type and mode only (their mtime moves with any entry
+    added); symlinks by target."""
+    kind = stat.S_IFMT(st.st_mode)
+    if stat.S_ISLNK(st.st_mode):
+        return (kind, 0, 0, 0, os.readlink(path))
+    if stat.S_ISREG(st.st_mode):
+        return (kind, stat.S_IMODE(st.st_mode), st.st_size, st.st_mtime_ns, "")
+    return (kind, stat.S_IMODE(st.st_mode), 0, 0, "")
+
+
+def snapshot(root: str) -> dict[str, Entry]:
+    return {rel: entry(st, os.path.join(root, rel)) for rel, st in _walk(root).items()}
+
+
+def _lentry(path: str) -> Entry | None:
+    try:
+        return entry(os.lstat(path), path)
+    except FileNotFoundError:
+        return None
+
+
+def diff(real: str, copy: str, protected: Iterable[str] = (),
+         start: dict[str, Entry] | None = None) -> Changes:
+    """What the session changed. With `start` (the copy's snapshot taken right after
+    copying): the copy now against that, so edits the user made to the real project
+    meanwhile are not mistaken for the session's. Without: the copy against the real
+    project. Protected paths (read-only inside, so only bwrap's placeholders can
+    differ) are left out."""
     protected = list(protected)
+    if start is not None:
+        now = snapshot(copy)
+        ch = Changes()
+        for rel, e in now.items():
+            if _excluded(rel, protected):
+                continue
+            if rel not in start:
+                ch.added.append(rel)
+            elif e != start[rel]:
+                ch.changed.append(rel)
+        for rel in start:
+            if rel not in now and not _excluded(rel, protected):
+                parent = os.path.dirname(rel)
+                if not parent or parent in now:
+                    ch.deleted.append(rel)
+        for lst in (ch.added, ch.changed, ch.deleted):
+            lst.sort()
+        return ch
     before, after = _walk(real), _walk(copy)
     ch = Changes()
     for rel, st in after.items():
@@ -275,14 +334,23 @@ def _safe_parent(real_root: str, rel: str) -> str:
     return path
 
 
-def apply(real: str, copy: str, ch: Changes) -> list[str]:
+def apply(real: str, copy: str, ch: Changes, start: dict[str, Entry] | None = None) -> list[str]:
     """Make the real project match the copy for the listed changes. Symlinks are
-    copied as symlinks, never followed. Returns the paths that could not be applied."""
+    copied as symlinks, never followed. With `start` (the real project's snapshot at the
+    start), a path the user changed in the real project during the session is a
+    conflict: left as the user made it. Returns
+    the paths that could not be applied, with why."""
     failed: list[str] = []
     for rel in [*ch.deleted, *ch.added, *ch.changed]:
         why = git_refusal(rel, copy)
         if why:
             failed.append(f"{rel}: refused: {why}")
+        elif start is not None and _lentry(os.path.join(real, rel)) != start.get(rel) and not (
+                rel in ch.added and stat.S_ISDIR(os.lstat(os.path.join(copy, rel)).st_mode)
+                and os.path.isdir(os.path.join(real, rel))
+                and not os.path.islink(os.path.join(real, rel))):
+            failed.append(f"{rel}: refused: changed in the real project during the session "
+                          "(kept as it is there)")
     refused = {f.split(": refused: ")[0] for f in failed}
     ch = Changes([r for r in ch.added if r not in refused], [r for r in ch.changed if r not in refused],
                  [r for r in ch.deleted if r not in refused])
@@ -423,13 +491,14 @@ def decide(opts: Any, tty: bool) -> str:
     return "ask" if tty else "keep"
 
 
-def finish(policy: SessionPolicy, sdir: str, opts: Any, stream: Any, log: Any) -> None:
+def finish(policy: SessionPolicy, sdir: str, opts: Any, stream: Any, log: Any,
+           start: Start | None = None) -> None:
     import sys
 
     from agentpen.core.events import make_event
 
     copy = policy.project_source
-    ch = diff(policy.project, copy, protected_rels(policy))
+    ch = diff(policy.project, copy, protected_rels(policy), start=start.copy if start else None)
     failed: list[str] = []
     if not ch:
         decision = "none"
@@ -444,7 +513,7 @@ def finish(policy: SessionPolicy, sdir: str, opts: Any, stream: Any, log: Any) -
             answer = sys.stdin.readline().strip().lower()
             decision = "apply" if answer in ("y", "yes") else "discard"
         if decision == "apply":
-            failed = apply(policy.project, copy, ch)
+            failed = apply(policy.project, copy, ch, start=start.real if start else None)
             if failed:
                 print("paranoid: could not apply:\n  " + "\n  ".join(failed), file=sys.stderr)
             else:

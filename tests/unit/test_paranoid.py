@@ -161,3 +161,31 @@ def test_apply_refuses_git_configuration_but_applies_commits(tmp_path):
     assert not (real / ".git" / "commondir").exists()
     assert (real / ".git" / "refs" / "heads" / "main").read_text() == "abc\n"  # control
     assert (real / ".git" / "objects" / "ab" / "cd").exists()
+
+
+def test_user_edits_during_the_session_are_neither_reverted_nor_overwritten(tmp_path):
+    real, base = tmp_path / "real", tmp_path / "state"
+    _tree(real, {"user.txt": "v1", "agent.txt": "v1", "both.txt": "v1"})
+    from agentpen.core.policy import SessionPolicy
+
+    pol = SessionPolicy(session_id="s", profile="paranoid", agent=None, project=str(real),
+                        command=["/bin/true"], command_name="true", allow=[], home=str(tmp_path / "h"))
+    pol2, sdir, start = paranoid.prepare(pol, str(base))
+    assert oct(os.stat(sdir).st_mode & 0o777) == "0o700" and pol2.project == str(real)
+    copy = Path(pol2.project_source)
+    assert (copy / "user.txt").read_text() == "v1"
+    # the session (inside) and the user (outside) work at the same time
+    (copy / "agent.txt").write_text("agent v2")
+    (copy / "both.txt").write_text("agent v2")
+    (copy / "new.txt").write_text("agent new")
+    (real / "user.txt").write_text("user v2!")
+    (real / "both.txt").write_text("user v2!")
+    ch = paranoid.diff(str(real), str(copy), start=start.copy)
+    assert ch.changed == ["agent.txt", "both.txt"] and ch.added == ["new.txt"]  # not user.txt
+    failed = paranoid.apply(str(real), str(copy), ch, start=start.real)
+    assert [f.split(":")[0] for f in failed] == ["both.txt"] and "during the session" in failed[0]
+    assert (real / "user.txt").read_text() == "user v2!"  # not reverted
+    assert (real / "both.txt").read_text() == "user v2!"  # not overwritten: a conflict
+    assert (real / "agent.txt").read_text() == "agent v2" and (real / "new.txt").exists()
+    paranoid.remove_session_dir(sdir)
+    assert not os.path.exists(sdir)
