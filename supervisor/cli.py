@@ -77,6 +77,10 @@ def _main(argv: list[str]) -> int:
     apply_config(opts, cfg, opts.explicit)
     check.preflight()
     policy = resolve_policy(opts, os.environ, config=cfg)
+    from agentpen.supervisor import paranoid
+
+    # Before the audit stream opens: a bad --memory/--wall-time is a usage error.
+    limits = paranoid.limits_from(opts, paranoid=policy.profile == "paranoid")
 
     from agentpen.supervisor.audit import AuditStream, open_sinks, setup_console
 
@@ -97,9 +101,6 @@ def _main(argv: list[str]) -> int:
     if cfg.path:
         log.info("config file", path=cfg.path)
 
-    from agentpen.supervisor import paranoid
-
-    limits = paranoid.limits_from(opts, paranoid=policy.profile == "paranoid")
     session_dir = None
     start = None
     if limits.rlimits():
@@ -155,15 +156,17 @@ def _main(argv: list[str]) -> int:
     session = Session(policy, stream, log, enforced=enforced)
     timer = paranoid.WallClock(limits.wall_time, session) if limits.wall_time else None
     try:
-        status = session.run()
+        try:
+            status = session.run()
+        finally:
+            if timer:
+                timer.cancel()  # before anything else: no SIGTERM after the session
+        if session.outcome.error:
+            log.error(session.outcome.error, fix=session.outcome.fix, exit_status=status)
+        paranoid.audit_limits(stream, log, limits, session, timer, cgroup)
     finally:
-        if timer:
-            timer.cancel()
-    if session.outcome.error:
-        log.error(session.outcome.error, fix=session.outcome.fix, exit_status=status)
-    paranoid.audit_limits(stream, log, limits, session, timer, cgroup)
-    if cgroup is not None:
-        cgroup.close()
+        if cgroup is not None:
+            cgroup.close()
     if policy.learn:
         from agentpen.supervisor import learn
 
