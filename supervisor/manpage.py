@@ -58,7 +58,7 @@ def manpage(today: datetime.date | None = None) -> str:
     for name, what in SUBCOMMANDS.items():
         out += [".TP", f"\\fB{name}\\fR", _esc(what)]
     examples, _, status = EXAMPLES.partition("exit status:")
-    status = status.partition("config:")[0]
+    examples = examples.partition("\nconfig:")[0]
     out += [".SH EXIT STATUS", _esc(status.strip()), ".SH FILES", ".TP",
             "\\fI$XDG_CONFIG_HOME/agentpen/config.toml\\fR",
             _esc("defaults, per-agent hosts/env/mounts, extra agents and profiles; command line > "
