@@ -279,12 +279,32 @@ class ProxySupervisor:
             return
         with contextlib.suppress(OSError):
             cur.channel.send(MsgType.CONTROL, {"op": "shutdown"})
-        cur.process.join(timeout)  # type: ignore[attr-defined]
-        if cur.process.is_alive():  # type: ignore[attr-defined]
-            os.kill(cur.pid, signal.SIGKILL)
-            cur.process.join(1.0)  # type: ignore[attr-defined]
+        # Not process.join(timeout): the worker closes every inherited descriptor, the
+        # sentinel pipe's write end included, so multiprocess sees the sentinel ready at
+        # once and falls into a blocking waitpid -- a worker that ignored "shutdown"
+        # would hang the teardown. A pidfd keeps the timeout real.
+        if not _exited_within(cur.pid, timeout):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(cur.pid, signal.SIGKILL)
+        cur.process.join()  # type: ignore[attr-defined]  # exited or SIGKILLed: reaps at once
         cur.channel.close()
         self.current = None
+
+
+def _exited_within(pid: int, timeout: float) -> bool:
+    """True once `pid` (our unreaped child) has exited, waiting up to `timeout` s."""
+    import select
+
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        return bool(poller.poll(max(0, int(timeout * 1000))))
+    finally:
+        os.close(pidfd)
 
 
 def _split_status(code: int | None) -> tuple[int | None, int | None]:
