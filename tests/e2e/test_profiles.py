@@ -274,3 +274,14 @@ def test_paranoid_asks_on_a_terminal(sandbox, answer, applied):
     assert (sandbox.project / "t.txt").exists() is applied, out
     assert ("paranoid: applied" in out) is applied and ("paranoid: discarded" in out) is not applied
     assert not list((sandbox.state / "agentpen" / "sessions").iterdir())
+
+
+def test_cpu_time_cap_ends_a_spinning_command_and_is_audited(sandbox):
+    r = sandbox.run("--cpu-time", "1", "--", "sh", "-c", "while :; do :; done", timeout=60)
+    assert r.returncode == 128 + 24, (r.returncode, r.stderr)  # SIGXCPU
+    hit = [e for e in r.audit() if e["event"]["action"] == "limit-hit"]
+    assert hit and hit[0]["agentpen"]["limit"] == "cpu_time", [e["event"]["action"] for e in r.audit()]
+    # control: the same command under a wall-clock cap only is ended by that, not by CPU time
+    r = sandbox.run("--wall-time", "1", "--", "sh", "-c", "while :; do :; done", timeout=60)
+    assert [e["agentpen"]["limit"] for e in r.audit() if e["event"]["action"] == "limit-hit"] == \
+        ["wall_time"]

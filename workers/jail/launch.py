@@ -168,16 +168,20 @@ RLIMITS = {"data": resource.RLIMIT_DATA, "nproc": resource.RLIMIT_NPROC, "cpu": 
 
 def set_rlimits(limits: dict[str, int]) -> None:
     """The resource caps (--memory, --max-procs, --cpu-time), inherited by bwrap and
-    everything in the sandbox. Soft = hard: the sandbox cannot raise them. An unknown
-    name or a failing setrlimit raises: never exec without a cap that was asked for."""
+    everything in the sandbox. Soft = hard, so the sandbox cannot raise them, except
+    CPU time: hard = soft + 1 s, so the process gets SIGXCPU (which says why) before
+    the SIGKILL a hard limit sends. An unknown name or a failing setrlimit raises:
+    never exec without a cap that was asked for."""
     for name, value in limits.items():
         if name not in RLIMITS:
             raise ValueError(f"unknown resource limit {name!r}")
         res = RLIMITS[name]
-        _, hard = resource.getrlimit(res)
-        if hard != resource.RLIM_INFINITY and value > hard:
-            value = hard  # already capped lower by the host: keep the host's
-        resource.setrlimit(res, (value, value))
+        _, host_hard = resource.getrlimit(res)
+        hard = value + 1 if name == "cpu" else value
+        if host_hard != resource.RLIM_INFINITY:
+            # already capped lower by the host: keep the host's
+            value, hard = min(value, host_hard), min(hard, host_hard)
+        resource.setrlimit(res, (value, hard))
 
 
 def exec_jail(
