@@ -114,8 +114,9 @@ EXTERNAL = ["192.0.2.1", "1.1.1.1", "10.255.255.53", "2001:db8::1", "2606:4700:4
 def test_internet_without_the_proxy_tcp_udp_raw_icmp_v4_v6(prober):
     checks: list[dict] = [{"name": "counters_before", "op": "netcounters"}]
     for ip in EXTERNAL:
-        checks.append({"name": f"tcp {ip}", "op": "tcp", "host": ip, "port": 443, "timeout": 3})
-        checks.append({"name": f"udp {ip}", "op": "udp", "host": ip, "port": 53})
+        # 1 s: inside, no route fails at once; on the host a timeout is as good as an answer
+        checks.append({"name": f"tcp {ip}", "op": "tcp", "host": ip, "port": 443, "timeout": 1})
+        checks.append({"name": f"udp {ip}", "op": "udp", "host": ip, "port": 53, "timeout": 0.3})
     checks += [
         {"name": "ping4", "op": "icmp_echo", "host": "192.0.2.1"},
         {"name": "ping6", "op": "icmp_echo", "host": "2001:db8::1"},
