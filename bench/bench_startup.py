@@ -129,7 +129,8 @@ def peak_rss(project: Path, tmp: Path) -> dict[str, float]:
                 role = "netns worker"
             elif name.startswith("passt") or name == "pasta":
                 role = "pasta"
-            elif "agentpen-proxy" in " ".join(argv) or (name.startswith("python") and pid in _kids(p.pid)):
+            elif "proxy" in name or "agentpen-proxy" in " ".join(argv) or (
+                    name.startswith("python") and pid in _kids(p.pid)):
                 role = "proxy worker"
             else:
                 continue
