@@ -43,6 +43,34 @@ def _write(path: str, text: str) -> None:
         f.write(text)
 
 
+def delegated_parent(*, root: str = ROOT, proc_cgroup: str = "/proc/self/cgroup",
+                     uid: int | None = None) -> tuple[str, str]:
+    """(our cgroup dir, its parent) when the parent is ours to create a capped sibling
+    in; else NotDelegated with the reason. Creates nothing (also used by --check)."""
+    uid = os.getuid() if uid is None else uid
+    if not os.path.exists(os.path.join(root, "cgroup.controllers")):
+        raise NotDelegated(f"{root} is not a cgroup v2 mount")
+    rel = own_cgroup(_read(proc_cgroup))
+    origin = os.path.normpath(os.path.join(root, rel.lstrip("/")))
+    parent = os.path.dirname(origin)
+    if rel in ("", "/") or not parent.startswith(root):
+        raise NotDelegated("agentpen runs in the root cgroup")
+    for p in (parent, *(os.path.join(parent, f) for f in ("cgroup.procs", "cgroup.subtree_control"))):
+        try:
+            st = os.stat(p)
+        except OSError as exc:
+            raise NotDelegated(f"{p}: {exc.strerror}") from None
+        if st.st_uid != uid:
+            raise NotDelegated(f"{p} is not owned by uid {uid} (not delegated; e.g. a login "
+                               "session scope: run from a systemd --user service or "
+                               "systemd-run --user --scope)")
+    available = _read(os.path.join(parent, "cgroup.controllers")).split()
+    missing = [c for c in CONTROLLERS if c not in available]
+    if missing:
+        raise NotDelegated(f"{parent} lacks the {', '.join(missing)} controller(s)")
+    return origin, parent
+
+
 @dataclass
 class SessionCgroup:
     path: str  # the session's cgroup directory
@@ -54,28 +82,8 @@ class SessionCgroup:
     def create(cls, session_id: str, *, memory: int | None, pids: int | None,
                root: str = ROOT, proc_cgroup: str = "/proc/self/cgroup",
                uid: int | None = None, pid: int | None = None) -> SessionCgroup:
-        uid = os.getuid() if uid is None else uid
         pid = os.getpid() if pid is None else pid
-        if not os.path.exists(os.path.join(root, "cgroup.controllers")):
-            raise NotDelegated(f"{root} is not a cgroup v2 mount")
-        rel = own_cgroup(_read(proc_cgroup))
-        origin = os.path.normpath(os.path.join(root, rel.lstrip("/")))
-        parent = os.path.dirname(origin)
-        if rel in ("", "/") or not parent.startswith(root):
-            raise NotDelegated("agentpen runs in the root cgroup")
-        for p in (parent, *(os.path.join(parent, f) for f in ("cgroup.procs", "cgroup.subtree_control"))):
-            try:
-                st = os.stat(p)
-            except OSError as exc:
-                raise NotDelegated(f"{p}: {exc.strerror}") from None
-            if st.st_uid != uid:
-                raise NotDelegated(f"{p} is not owned by uid {uid} (not delegated; e.g. a login "
-                                   "session scope: run from a systemd --user service or "
-                                   "systemd-run --user --scope)")
-        available = _read(os.path.join(parent, "cgroup.controllers")).split()
-        missing = [c for c in CONTROLLERS if c not in available]
-        if missing:
-            raise NotDelegated(f"{parent} lacks the {', '.join(missing)} controller(s)")
+        origin, parent = delegated_parent(root=root, proc_cgroup=proc_cgroup, uid=uid)
         enabled = _read(os.path.join(parent, "cgroup.subtree_control")).split()
         want = " ".join(f"+{c}" for c in CONTROLLERS if c not in enabled)
         if want:

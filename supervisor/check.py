@@ -364,6 +364,21 @@ def check_kernel() -> Layer:
                  None if ok else "agentpen's seccomp table covers x86_64 and aarch64 only")
 
 
+def check_cgroup() -> Layer:
+    """Optional: a delegated cgroup v2 lets --memory/--max-procs (and paranoid) cap the
+    whole session and audit when a cap is hit; without it they are per-process rlimits."""
+    from agentpen.supervisor.cgroup import NotDelegated, delegated_parent
+
+    try:
+        _, parent = delegated_parent()
+    except NotDelegated as exc:
+        fix = ("run agentpen inside a delegated user scope: systemd-run --user --scope agentpen ... "
+               "(systemd hosts; per-process rlimits are used otherwise)")
+        return Layer("cgroup v2 caps", False, f"not delegated: {exc}", fix, required=False)
+    return Layer("cgroup v2 caps", True, f"session caps go in a sibling cgroup under {parent}",
+                 required=False)
+
+
 def full_report() -> list[Layer]:
     return [
         check_kernel(),
@@ -376,6 +391,7 @@ def full_report() -> list[Layer]:
         check_nft(probe=True),
         check_seccomp(),
         check_env_default_signal(),
+        check_cgroup(),
     ]
 
 

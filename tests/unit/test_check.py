@@ -180,3 +180,20 @@ def test_render_table_colour_and_json():
     assert data["ok"] is False and data["distro"] == "arch" and len(data["layers"]) == 3
     ok = check.render(layers[:1], as_json=False, color=False, family="nixos")
     assert ok.splitlines()[-1] == "all layers can be enforced"
+
+
+def test_cgroup_layer_is_optional_and_says_why(monkeypatch):
+    from agentpen.supervisor import cgroup
+
+    def no(**kw):
+        raise cgroup.NotDelegated("/sys/fs/cgroup/user.slice is not owned by uid 1000")
+
+    monkeypatch.setattr(cgroup, "delegated_parent", no)
+    layer = check.check_cgroup()
+    assert not layer.ok and not layer.required and "not owned" in layer.detail
+    assert "systemd-run --user --scope" in layer.fix
+    monkeypatch.setattr(cgroup, "delegated_parent", lambda **kw: ("/cg/a/b", "/cg/a"))
+    layer = check.check_cgroup()
+    assert layer.ok and "/cg/a" in layer.detail
+    text = check.render([layer, check.check_cgroup()], as_json=False, color=False, family="arch")
+    assert text.splitlines()[-1] == "all layers can be enforced"
