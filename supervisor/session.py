@@ -129,6 +129,9 @@ class Session:
                     self.netns.channel.send(MsgType.CONTROL, {"op": "shutdown"})
         except AgentpenError as exc:
             self.outcome.error, self.outcome.fix = exc.message, exc.fix
+        except OSError as exc:  # a worker's channel broke under us (it died): one line, 125
+            self.outcome.error = f"lost contact with a worker: {exc.strerror or exc}"
+            self.outcome.exit_code = self.outcome.signal = None
         except KeyboardInterrupt:  # not expected with signals blocked; belt and braces
             self.outcome.error = "interrupted"
         finally:
