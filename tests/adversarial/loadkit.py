@@ -119,7 +119,7 @@ def wait_for(cond: Callable[[], object], what: str, timeout: float = 30.0, step:
 
 def audit_lines(path: Path) -> list[dict]:
     """Every line written parses (the promise); a torn or garbled line fails here."""
-    if not path.exists():
+    if not path.is_file():  # absent, or a device such as /dev/full
         return []
     out = []
     for i, line in enumerate(path.read_bytes().splitlines()):

@@ -37,7 +37,6 @@ from loadkit import (
     descendants,
     install_client,
     pin_args,
-    user_namespaces,
     wait_for,
 )
 
@@ -54,6 +53,24 @@ def _subreaper():
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
     yield
     _prctl(PR_SET_CHILD_SUBREAPER, 0)
+
+
+@pytest.fixture(autouse=True)
+def _reap_after_each_test():
+    """A failed test must not leak its processes into the next one's leak check."""
+    yield
+    for pid in descendants(os.getpid()):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(-1, os.WNOHANG) == (0, 0):
+                if not [p for p in descendants(os.getpid()) if alive(p)]:
+                    break
+                time.sleep(0.02)
+        except ChildProcessError:
+            break
 
 
 def orphans(keep: set[int]) -> list[int]:
@@ -136,6 +153,13 @@ class Tree:
             time.sleep(0.05)
 
 
+def _netns(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/net")
+    except OSError:
+        return None
+
+
 def _ppid(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -156,8 +180,8 @@ class Session:
         self.audit = audit or sandbox.root / "audit.jsonl"
         self.project_before = _tree(sandbox.project)
         self.tmp_before = _tmp()
-        args = client_args(up, n=1, ctl=str(self.ctl), exit=exit_code, timeout=15, go_timeout=60,
-                           **client_kw)
+        client_kw = {"n": 1, "timeout": 15, "go_timeout": 60, **client_kw}
+        args = client_args(up, ctl=str(self.ctl), exit=exit_code, **client_kw)
         script = f"exec python3 loadclient.py {scenario} '{args}' {self.result}"
         # Files, not pipes: a process that outlives agentpen must not hang the test.
         self.out_path, self.err_path = sandbox.root / "stdout", sandbox.root / "stderr"
@@ -204,8 +228,12 @@ class Session:
 
     def assert_nothing_left(self, *, placeholders: bool = True) -> None:
         assert self.tree.left() == [], "processes left behind"
-        # The namespaces die with their last process; none of ours still holds one.
-        assert not (self.tree.netns_inodes & user_namespaces()), "network namespace left behind"
+        # The namespaces die with their last process: none of the session's processes, and
+        # no orphan of it, still holds the sandbox's network namespace. (Not every process of
+        # the user: nsfs inode numbers are reused at once by concurrent sessions.)
+        holders = {p for p in self.tree.pids | set(descendants(os.getpid())) if alive(p)
+                   and _netns(p) in self.tree.netns_inodes}
+        assert holders == set(), "network namespace left behind"
         if placeholders:
             extra = _tree(self.sandbox.project) - self.project_before
             extra = {p for p in extra if not p.startswith(("ctl", "result.json", "loadclient.py"))}
@@ -256,7 +284,7 @@ def errors_of(lines: list[dict]) -> list[str]:
 MID = [
     ("proxy", CMD_EXIT),  # restarted; the command goes on
     ("netns", 125),
-    ("pasta", 125),
+    ("pasta", 125),  # or 7: a SIGKILLed pasta takes 12-40 ms to die, the command may finish first
     ("jail", 128 + 9),
     ("command", 128 + 9),
 ]
@@ -277,6 +305,8 @@ def test_kill_mid_connection(sandbox, up, target, status):
     acts = actions(events)
     assert acts[0] == "session-started" and acts[-1] == "session-ended", acts
     ended = events[-1]
+    if target == "pasta" and rc == CMD_EXIT:
+        status = CMD_EXIT
     assert ended["process"]["exit_code"] == rc == status, (rc, errors_of(lines), acts)
     if target == "proxy":
         assert res["probe_ok"] is True and res["served"] == 0, res  # restarted; held one cut
@@ -292,7 +322,12 @@ def test_kill_mid_connection(sandbox, up, target, status):
     s.assert_nothing_left()
 
 
-STARTUP = ["pasta-probe", "pasta", "pasta-helper", "netns", "proxy", "jail"]
+STARTUP = ["pasta-probe", pytest.param("pasta", marks=pytest.mark.xfail(strict=False, reason=(
+    "HOLE (racy, about 1 run in 3, hence not strict): pasta killed as it starts can make a "
+    "Channel.send to the dead netns worker raise BrokenPipeError out of Session.run (the CONFIG "
+    "send in Session._start, or 'go' in _on_netns_status): not an AgentpenError, so cli.main "
+    "prints 'agentpen: internal error: BrokenPipeError' as a plain line (not JSON), no fix"))),
+    "netns", "proxy", "jail"]
 
 
 @pytest.mark.parametrize("target", STARTUP)
@@ -304,7 +339,7 @@ def test_kill_at_startup(sandbox, up, target):
     if target == "proxy":  # restarted: the session goes on and egress works
         s.wait_held()
         s.go()
-    rc, err, events, res = s.end(90)  # pasta-helper: the 30 s setup timeout
+    rc, err, events, res = s.end()
     lines = user_sees(err)
     acts = actions(events)
     assert acts[-1] == "session-ended", acts
@@ -322,6 +357,28 @@ def test_kill_at_startup(sandbox, up, target):
         if target == "pasta-probe":  # said as it is, not "pasta lacks options"
             assert "killed by signal SIGKILL" in errors_of(lines)[0], errors_of(lines)
     assert events[-1]["process"]["exit_code"] == rc
+    s.assert_nothing_left()
+
+
+@pytest.mark.xfail(strict=False, reason="HOLE (racy: about 1 run in 4, hence not strict): "
+                   "killing pasta's own pre-exec child during namespace setup can leave a pasta "
+                   "process holding the write end of pasta's stderr pipe after the main pasta "
+                   "exits; Session._teardown then blocks for ever in a blocking read() of that "
+                   "pipe (signals are blocked for the signalfd, so Ctrl-C cannot end it)")
+def test_kill_of_pastas_setup_child_ends_the_session(sandbox, up):
+    s = Session(sandbox, up)
+    pid = s.wait_role("pasta-helper")
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 45  # the 30 s setup timeout, and some
+    while s.proc.poll() is None and not (s.ctl / "held").exists():
+        s.tree.scan()
+        assert time.monotonic() < deadline, "agentpen hangs"
+        time.sleep(0.05)
+    if (s.ctl / "held").exists():  # pasta got over it: the session works
+        s.go()
+    rc, err, _events, res = s.end(45)
+    lines = user_sees(err)
+    assert (rc == CMD_EXIT and res.get("served") == 1) or (rc == 125 and len(errors_of(lines)) == 1), rc
     s.assert_nothing_left()
 
 
@@ -367,7 +424,7 @@ def test_kill_9_of_the_supervisor_takes_everything_down(sandbox, up, when):
     assert rc == -signal.SIGKILL
     assert "Traceback" not in err
     assert s.tree.left() == [], "processes outlived the supervisor"
-    assert not (s.tree.netns_inodes & user_namespaces())
+    assert not {p for p in descendants(os.getpid()) if _netns(p) in s.tree.netns_inodes}
     wait_for(lambda: up.open == 0, "the held connection to be cut", 15)  # egress fails closed
     acts = actions(events)  # every line written parses (audit_lines)
     assert acts == [] or acts[0] == "session-started", acts
@@ -478,42 +535,52 @@ def test_audit_reader_vanishes_with_halt_stops_the_session(sandbox, up):
     s.assert_nothing_left()
 
 
-def test_dev_full_as_audit_log_refuses_to_start(sandbox, up):
-    """/dev/full is a character device: the first (durable) line fails with ENOSPC.
-    Nothing may run unaudited: agentpen must refuse, one line, 125."""
-    s = Session(sandbox, up, audit=Path("/dev/full"))
-    rc, err, _events, _res = s.end()
+def test_dev_full_as_audit_log_fails_closed_for_egress(sandbox, up):
+    """/dev/full (a character device the file sink accepts): every write fails with
+    ENOSPC. Whatever runs, nothing may leave unaudited: no connection reaches the upstream."""
+    s = Session(sandbox, up, audit=Path("/dev/full"), go_timeout=1)
+    rc, err, _events, res = s.end()
     lines = user_sees(err)
-    assert rc == 125, (rc, errors_of(lines))
-    assert not (s.ctl / "held").exists() and up.accepted == 0
-    assert len(errors_of(lines)) == 1, errors_of(lines)
+    assert up.accepted == 0 and res.get("held", 0) == 0, res
+    assert rc in (CMD_EXIT, 125), (rc, errors_of(lines))
+    assert errors_of(lines), "the user is not told that the audit sink fails"
     s.assert_nothing_left()
 
 
-def _fsize(limit: int):
-    def pre():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    return pre
+@pytest.mark.xfail(strict=True, reason="HOLE: with an audit sink that fails from the first line "
+                   "(--audit-log /dev/full, a full disk) the command still runs: session-started "
+                   "was never written, yet Session._on_netns_status sends 'go' (docs/audit.md "
+                   "promises the start is on disk before the agent runs)")
+def test_no_command_runs_when_session_started_cannot_be_written(sandbox, up):
+    s = Session(sandbox, up, audit=Path("/dev/full"), go_timeout=1)
+    rc, err, _events, _res = s.end()
+    lines = user_sees(err)
+    assert not (s.ctl / "held").exists(), "the command ran with no audit record of the session"
+    assert rc == 125 and len(errors_of(lines)) == 1, (rc, errors_of(lines))
+    s.assert_nothing_left()
 
 
 def test_disk_fills_under_the_audit_log_mid_session(sandbox, up):
-    """RLIMIT_FSIZE on agentpen (its writes past the limit fail with EFBIG, like a full
-    disk): the log is prefilled so that the start fits and the session's later lines do
-    not. Default policy: new connections refused; torn lines are truncated away."""
+    """The disk fills while a connection is open: RLIMIT_FSIZE of the running supervisor
+    is lowered to the log's current size (prlimit; writes past it fail with EFBIG, as on
+    a full disk). Default policy: new connections are refused, the open one finishes, no
+    torn line is left; nothing passes unaudited."""
     audit = sandbox.root / "full.jsonl"
-    audit.write_bytes(b"")
-    limit = 12_000  # start-up lines (~8 KiB) fit; the connection lines do not
-    s = Session(sandbox, up, audit=audit, popen_kw={"preexec_fn": _fsize(limit)})
+    s = Session(sandbox, up, audit=audit)
     s.wait_held()
+    wait_for(lambda: "connection-allowed" in actions(audit_lines(audit)), "the held connection's audit")
+    size = audit.stat().st_size
+    resource.prlimit(s.proc.pid, resource.RLIMIT_FSIZE, (size, resource.RLIM_INFINITY))
     s.go()
     rc, err, events, res = s.end()
     lines = user_sees(err)
-    assert audit.stat().st_size <= limit
+    assert audit.stat().st_size == size  # nothing more fitted, and no torn tail was left
     assert events and events[0]["event"]["action"] == "session-started"  # every line parses
-    print("FAULT disk-full", rc, res, errors_of(lines), actions(events)[-5:])
+    print("FAULT disk-full", rc, res, errors_of(lines))
     assert rc == CMD_EXIT
-    assert res["probe_ok"] is False, res  # no egress once nothing can be audited
+    assert res["served"] == 1, res  # the open connection finished
+    assert res["probe_ok"] is False, res  # a new one could not be audited: refused
+    assert up.handshakes == 1
     assert any("audit sink failed" in m for m in errors_of(lines)), errors_of(lines)
     s.assert_nothing_left()
 
@@ -541,7 +608,12 @@ def test_agentpen_with_too_few_descriptors(sandbox, up, nofile):
     lines = user_sees(err)
     print("FAULT nofile", nofile, rc, errors_of(lines)[:2], res)
     if rc == CMD_EXIT:
-        assert res["served"] == 1 and res["probe_ok"], res
+        assert res["served"] == 1, res
+        if not res["probe_ok"]:
+            # The proxy's cap is fitted to the limit ((n - 64) / 2, at least 1): the second
+            # connection is refused, audited; never an unexplained failure.
+            capped = [e for e in events if e["event"].get("code") == "connection-cap"]
+            assert capped, (res, actions(events))
     else:
         assert rc == 125, (rc, errors_of(lines))
         assert len(errors_of(lines)) == 1, errors_of(lines)
