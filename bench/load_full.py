@@ -84,6 +84,7 @@ def main() -> int:
             ("huge", {"size": 1_000_000}),
         ]
         for name, kw in plan:
+            (tmp / f"up-{name}").mkdir()
             up = AsyncTlsUpstream(tmp / f"up-{name}")
             try:
                 t0 = time.monotonic()
