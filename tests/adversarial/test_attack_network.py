@@ -271,6 +271,13 @@ def test_sandbox_servers_are_not_reachable_from_the_host(sandbox):
         # control: the explicit door reaches the sandbox's server from the host
         with socket.create_connection(("127.0.0.1", published), timeout=5):
             pass
+        # ... and only on the host's loopback: the LAN (the host's own addresses) does not
+        for ip in host_addresses():
+            try:
+                socket.create_connection((ip, published), timeout=3).close()
+                attempts[(ip, published)] = "connected"
+            except OSError as exc:
+                attempts[(ip, published)] = errno.errorcode.get(exc.errno or 0, str(exc))
     finally:
         _out, err = p.communicate(timeout=60)  # closes the command's stdin: it exits
     assert p.returncode == 0, err
