@@ -107,7 +107,11 @@ class NetnsWorker:
     def spawn(cls, policy: SessionPolicy, pasta_path: str = "pasta") -> NetnsWorker:
         from agentpen.workers.netns.pasta import detect_features, pasta_argv, spawn_pasta
 
-        verifier = _fork_verifier()  # first: pyroute2's import overlaps all that follows
+        # The verifier's socket pair now, its fork right after pasta's: forking a 30 MB
+        # interpreter costs the parent copy-on-write faults, better paid while pasta
+        # builds the namespace than before pasta is started.
+        pair = _verifier_pair()
+        verifier = pair[0] if pair else None
         features = detect_features(pasta_path)
         sup, wk = channel_pair()
         # The command keeps the user's terminal: hand duplicates of 0/1/2 through pasta
@@ -128,10 +132,13 @@ class NetnsWorker:
                 env=minimal_env(),
                 stdout=subprocess.DEVNULL,
             )
+            if pair:
+                _fork_verifier(pair[1])  # the worker waits for it: a dead verifier fails closed
         finally:
             wk.close()
-            if verifier is not None:
-                verifier.close()  # the worker's copy (through pasta) is the only one left
+            if pair:
+                for sock in pair:  # the worker's and the verifier's copies are the only ones left
+                    sock.close()
             for fd in stdio:
                 os.close(fd)
         os.set_blocking(proc.stderr.fileno(), False)  # type: ignore[union-attr]
@@ -147,20 +154,24 @@ class NetnsWorker:
                 os.killpg(self.pasta.pid, signal.SIGKILL)
 
 
-def _fork_verifier() -> socket.socket | None:
-    """Fork the process that verifies the sandbox's network with pyroute2 (issue 10).
-
-    It starts importing pyroute2 (120-300 ms here) before pasta is even started, and
-    later receives a NETLINK_ROUTE socket that the netns worker creates inside the
-    namespace (workers/netns/main.RemoteVerifier: same dump, same check, same point of
-    the worker's order, fail closed). Double fork: the verifier is nobody's child to
-    reap; it ends when the worker's end of the socket closes. Every descriptor but its
-    socket is closed, stdio goes to /dev/null, signals stay blocked as the supervisor's
-    are. None (the worker forks its own verifier) when another thread runs: forking
-    then could copy a held lock."""
+def _verifier_pair() -> tuple[socket.socket, socket.socket] | None:
+    """(the netns worker's end, the verifier's end), or None when another thread runs:
+    forking then could copy a held lock, so the worker forks its own verifier."""
     if threading.active_count() != 1:
         return None
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    return socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+
+
+def _fork_verifier(theirs: socket.socket) -> None:
+    """Fork the process that verifies the sandbox's network with pyroute2 (issue 10).
+
+    It imports pyroute2 (120-330 ms here) while pasta builds the namespace and the netns
+    worker starts, then receives a NETLINK_ROUTE socket that the worker creates inside
+    the namespace (workers/netns/main.RemoteVerifier: same dump, same check, same point
+    of the worker's order, fail closed). Double fork: the verifier is nobody's child to
+    reap; it ends when the worker's end of the socket closes. Every descriptor but its
+    socket is closed, stdio goes to /dev/null, signals stay blocked as the supervisor's
+    are. Call while single-threaded (see _verifier_pair)."""
     pid = os.fork()
     if pid == 0:  # intermediate: fork the verifier, exit at once
         try:
@@ -179,9 +190,7 @@ def _fork_verifier() -> socket.socket | None:
                     os._exit(0)
         finally:
             os._exit(0)
-    theirs.close()
     os.waitpid(pid, 0)
-    return ours
 
 
 def _proxy_entry(channel_fd: int, listen_fds: list[int], policy_json: dict, incarnation: int,

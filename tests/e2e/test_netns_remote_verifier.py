@@ -39,14 +39,16 @@ CODE = """
 HOST = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
-from agentpen.supervisor.workers import _fork_verifier
+from agentpen.supervisor.workers import _fork_verifier, _verifier_pair
 from test_netns_e2e import Probe
-socks = [_fork_verifier(), _fork_verifier()]
-assert all(s is not None for s in socks), "threads running: no fork"
-fds = [s.fileno() for s in socks]
+pairs = [_verifier_pair(), _verifier_pair()]
+assert all(p is not None for p in pairs), "threads running: no fork"
+fds = [p[0].fileno() for p in pairs]
 probe = Probe(sys.argv[2].replace("sys.argv[2:]", json.dumps([str(fd) for fd in fds])), extra_fds=tuple(fds))
-for s in socks:
-    s.close()
+for ours, theirs in pairs:
+    _fork_verifier(theirs)
+    ours.close()
+    theirs.close()
 try:
     print(json.dumps(probe.read()))
 finally:
