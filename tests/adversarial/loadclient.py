@@ -202,6 +202,8 @@ async def slow(args: dict) -> dict:
         closed_after.append(time.monotonic() - t0)
         sent_bytes.append(i)
         w.close()
+        if args.get("exit_on_first_close"):  # leave the rest to end with the sandbox
+            os._exit(0)
 
     async def probes():
         res = []
