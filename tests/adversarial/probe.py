@@ -98,6 +98,28 @@ def op_fd_scan(**_: object) -> dict:
     return {"ok": True, "fds": out}
 
 
+def op_status_scan(**_: object) -> dict:
+    """Seccomp, no_new_privs and capabilities of every visible process, and whether its
+    memory can be opened for writing (same uid: /proc/PID/mem)."""
+    out: dict[str, dict] = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                st = dict(x.split(":\t", 1) for x in f.read().splitlines() if ":\t" in x)
+        except OSError:
+            continue
+        try:
+            os.close(os.open(f"/proc/{pid}/mem", os.O_RDWR))
+            mem_rw = True
+        except OSError:
+            mem_rw = False
+        out[pid] = {k: st.get(k, "").strip() for k in ("Name", "Seccomp", "NoNewPrivs", "CapEff", "CapBnd")}
+        out[pid]["mem_rw"] = mem_rw
+    return {"ok": True, "procs": out}
+
+
 def op_tcp(host: str, port: int, timeout: float = 3.0, send: str = "", **_: object) -> dict:
     t0 = time.monotonic()
     s = socket.socket(_family(host), socket.SOCK_STREAM)

@@ -368,3 +368,19 @@ def test_no_privilege_from_proc_or_setuid(prober, sandbox):
     # control: those binaries are setuid root on the host (su is left out: PAM's failure
     # delay costs seconds; no_new_privs covers every setuid binary alike)
     assert all(os.stat(b).st_mode & 0o4000 for b in ("/usr/bin/mount", "/usr/bin/umount"))
+
+
+def test_every_sandbox_process_is_filtered_so_its_memory_is_worth_nothing(prober):
+    """bwrap's pid 1 in the sandbox has the same uid and its /proc/1/mem opens read-write:
+    injecting code there must gain nothing, so pid 1 must carry the same seccomp filter, no
+    capabilities and no_new_privs as the command."""
+    checks = [{"name": "scan", "op": "status_scan"}]
+    host = prober.host(checks)["scan"]["procs"]
+    assert any(st["Seccomp"] == "0" for st in host.values()), "control: the scan sees unfiltered processes"
+    res, _ = prober.inside(checks)
+    procs = res["scan"]["procs"]
+    assert "1" in procs and len(procs) >= 2, procs  # bwrap's init and the probe
+    for pid, st in procs.items():
+        assert st["Seccomp"] == "2" and st["NoNewPrivs"] == "1", (pid, st)
+        assert int(st["CapEff"], 16) == 0 and int(st["CapBnd"], 16) == 0, (pid, st)
+    # (measured: procs["1"]["mem_rw"] is True with bwrap 0.8, hence this test)
