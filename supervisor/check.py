@@ -8,8 +8,6 @@ the namespace) fails closed where it runs, with its own message.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import json
 import os
 import platform
@@ -17,6 +15,7 @@ import shutil
 import subprocess
 from dataclasses import asdict, dataclass
 
+from agentpen.core.osutil import load_libc
 from agentpen.supervisor.errors import LayerUnavailable
 
 MIN_BWRAP = (0, 8, 0)  # --disable-userns appeared in 0.8.0
@@ -214,7 +213,7 @@ def check_apparmor_userns() -> Layer:
 
 def check_userns_probe() -> Layer:
     """Really create a user namespace (a forked child), as bwrap and pasta will."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc = load_libc()
     pid = os.fork()
     if pid == 0:
         rc = libc.unshare(0x10000000 | 0x40000000)  # CLONE_NEWUSER | CLONE_NEWNET
@@ -288,7 +287,7 @@ def check_nft(*, probe: bool) -> Layer:
     if not probe:
         return Layer("nftables", True, path)
     # nft inside a fresh user+network namespace, as the netns worker will run it.
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc = load_libc()
     uid, gid = os.getuid(), os.getgid()
     r, w = os.pipe()
     pid = os.fork()

@@ -71,7 +71,7 @@ def _main(argv: list[str]) -> int:
 
     from agentpen.supervisor import check
     from agentpen.supervisor.config import apply_config, load_config
-    from agentpen.supervisor.resolve import resolve_policy, state_dir
+    from agentpen.supervisor.resolve import resolve_policy
 
     cfg = load_config(os.environ)
     apply_config(opts, cfg, opts.explicit)
@@ -82,7 +82,23 @@ def _main(argv: list[str]) -> int:
     # Before the audit stream opens: a bad --memory/--wall-time is a usage error.
     limits = paranoid.limits_from(opts, paranoid=policy.profile == "paranoid")
 
+    early = None
+    if not (limits.memory or limits.max_procs):  # else pasta must start inside the session cgroup
+        # pasta first: its namespace setup (~40 ms) overlaps our imports and audit setup.
+        from agentpen.supervisor.session import start_pasta
+
+        early = start_pasta(policy)
+    try:
+        return _run(opts, cfg, policy, limits, early)
+    finally:
+        if early is not None and not early.handed_over:
+            early.kill()  # the session never started: take pasta and its namespace down
+
+
+def _run(opts, cfg, policy, limits, early) -> int:
+    from agentpen.supervisor import paranoid
     from agentpen.supervisor.audit import AuditStream, open_sinks, setup_console
+    from agentpen.supervisor.resolve import state_dir
 
     log = setup_console(opts.log_format, opts.log_level)
     if opts.audit_log and opts.audit_log != "journald":
@@ -153,7 +169,9 @@ def _main(argv: list[str]) -> int:
             enforced["cgroup"] = f"none: {exc}"
             log.info("resource caps: per-process rlimits only (no delegated cgroup v2)",
                      reason=str(exc))
-    session = Session(policy, stream, log, enforced=enforced)
+    session = Session(policy, stream, log, enforced=enforced, netns=early)
+    if early is not None:
+        early.handed_over = True
     timer = paranoid.WallClock(limits.wall_time, session) if limits.wall_time else None
     try:
         try:

@@ -56,10 +56,12 @@ class Counters:
 
 
 class Session:
-    def __init__(self, policy: SessionPolicy, audit: Any, log: Any, *, enforced: dict[str, Any]) -> None:
+    def __init__(self, policy: SessionPolicy, audit: Any, log: Any, *, enforced: dict[str, Any],
+                 netns: NetnsWorker | None = None) -> None:
         self.policy = policy
         self.audit = audit
         self.log = log
+        self.early_netns = netns  # pasta started by the CLI before its own imports (start_pasta)
         self.enforced = enforced
         self.sel = selectors.DefaultSelector()
         self.netns: NetnsWorker | None = None
@@ -141,17 +143,16 @@ class Session:
 
     def _start(self) -> None:
         p = self.policy
+        # pasta first: its namespace setup overlaps with our own work below.
+        if self.early_netns is not None:
+            self.netns = self.early_netns
+        else:
+            self.netns = start_pasta(p)
         from agentpen.workers.jail.protect import plan_protection, protected_list
 
         # Persistence covers, computed once here so that the supervisor can remove the
         # placeholders bwrap creates in the project even if every worker was killed.
         self.covers = plan_protection(p.project, protected_list(p.protect, p.unprotect))
-        # pasta first: its ~60 ms of namespace setup overlaps with our audit work below.
-        try:
-            self.netns = NetnsWorker.spawn(p)
-        except Exception as exc:
-            raise SetupFailed(str(getattr(exc, "what", exc)),
-                              fix=getattr(exc, "how_to_fix", None)) from None
         self.netns.channel.send(MsgType.CONFIG, {
             "policy": p.to_json(),
             "covers": [{"path": c.path, "kind": c.kind, "rel": c.rel, "data": c.data.decode()}
@@ -552,6 +553,14 @@ class Session:
                       "fix": o.fix},
         ), durable=True)
         return status
+
+
+def start_pasta(policy: SessionPolicy) -> NetnsWorker:
+    """Start pasta and the netns worker; the CLI calls it as early as it can."""
+    try:
+        return NetnsWorker.spawn(policy)
+    except Exception as exc:
+        raise SetupFailed(str(getattr(exc, "what", exc)), fix=getattr(exc, "how_to_fix", None)) from None
 
 
 def _children(pid: int) -> list[int]:

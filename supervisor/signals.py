@@ -11,7 +11,9 @@ import signal
 import struct
 from dataclasses import dataclass
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+from agentpen.core.osutil import load_libc
+
+_libc = load_libc()
 SFD_CLOEXEC = 0o2000000
 SFD_NONBLOCK = 0o4000
 _SIGINFO = struct.Struct("IiiIIiIIIIIiiQQQQQ")  # signalfd_siginfo head; 128 bytes in all

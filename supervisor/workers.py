@@ -102,6 +102,7 @@ class NetnsWorker:
     pasta: subprocess.Popen[bytes]
     channel: Channel
     pid: int | None = None  # the netns worker's pid, from HELLO checked against SCM_CREDENTIALS
+    handed_over: bool = False  # started early by the CLI, now owned by a Session
 
     @classmethod
     def spawn(cls, policy: SessionPolicy, pasta_path: str = "pasta") -> NetnsWorker:

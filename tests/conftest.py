@@ -1,27 +1,22 @@
-"""Shared test harness. The `sandbox` fixture drives the real agentpen, bwrap, pasta
-and nft, as an unprivileged user (tests under e2e/ and adversarial/).
-
-Nothing here is mocked. A missing tool or a root user is a failure, not a skip: a
-test that does not run proves nothing."""
+"""Shared test fixtures. The `sandbox` fixture drives the real agentpen, bwrap, pasta
+and nft, as an unprivileged user (tests under e2e/ and adversarial/); helpers live in
+tests/harness.py."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import subprocess
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from harness import AGENTPEN, Run, Sandbox, TlsUpstream, leftover_processes
 
-AGENTPEN = [sys.executable, "-m", "agentpen.supervisor"]
+__all__ = ["AGENTPEN", "Run", "Sandbox", "TlsUpstream", "leftover_processes"]
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
-        if "/e2e/" in str(item.fspath) or "/adversarial/" in str(item.fspath):
+        if any(f"/{d}/" in str(item.fspath) for d in ("e2e", "adversarial", "agents")):
             item.add_marker(pytest.mark.e2e)
 
 
@@ -37,67 +32,6 @@ def _unprivileged_with_tools(request):
     if missing:
         pytest.fail(f"missing tools for end-to-end tests: {missing} "
                     "(apt-get install bubblewrap passt nftables)")
-
-
-@dataclass
-class Run:
-    returncode: int
-    stdout: str
-    stderr: str
-    audit_path: Path
-
-    def audit(self) -> list[dict]:
-        if not self.audit_path.exists():
-            return []
-        return [json.loads(line) for line in self.audit_path.read_text().splitlines() if line]
-
-    def actions(self) -> list[str]:
-        return [e.get("event", {}).get("action") for e in self.audit()]
-
-
-@dataclass
-class Sandbox:
-    """A fake user home with secrets, a project inside it and a sibling repository."""
-
-    root: Path
-    home: Path
-    project: Path
-    sibling: Path
-    state: Path
-
-    def env(self, **extra: str) -> dict[str, str]:
-        env = {
-            "HOME": str(self.home),
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "LANG": "C.UTF-8",
-            "XDG_STATE_HOME": str(self.state),
-            "SECRET_HOST_TOKEN": "host-secret-do-not-leak",
-            "SSH_AUTH_SOCK": str(self.root / "ssh-agent.sock"),
-        }
-        env.update(extra)
-        return env
-
-    @staticmethod
-    def argv(*args: str, audit: Path) -> list[str]:
-        return [*AGENTPEN, "--log-format", "json", "--audit-log", str(audit), *args]
-
-    def popen(self, *args: str, audit: Path, **kw) -> subprocess.Popen:
-        argv = self.argv(*args, audit=audit)
-        kw.setdefault("cwd", self.project)
-        kw.setdefault("env", self.env())
-        return subprocess.Popen(argv, **kw)
-
-    @staticmethod
-    def leftovers(marker: str) -> list[str]:
-        return leftover_processes(marker)
-
-    def run(self, *args: str, timeout: float = 60, env: dict | None = None, audit: str | None = None,
-            stdin=subprocess.DEVNULL, cwd: Path | None = None) -> Run:
-        audit_path = Path(audit) if audit else self.root / f"audit-{os.urandom(4).hex()}.jsonl"
-        argv = [*AGENTPEN, "--log-format", "json", "--audit-log", str(audit_path), *args]
-        p = subprocess.run(argv, cwd=cwd or self.project, env=env or self.env(), capture_output=True,
-                           text=True, timeout=timeout, stdin=stdin)
-        return Run(p.returncode, p.stdout, p.stderr, audit_path)
 
 
 @pytest.fixture
@@ -116,72 +50,6 @@ def sandbox(tmp_path: Path) -> Sandbox:
     (sibling / "private.txt").write_text("sibling secret\n")
     state = tmp_path / "state"
     return Sandbox(tmp_path, home, project, sibling, state)
-
-
-def leftover_processes(marker: str) -> list[str]:
-    """Processes of this user whose command line mentions marker."""
-    out = subprocess.run(["ps", "-ww", "-u", str(os.getuid()), "-o", "pid=,args="], capture_output=True,
-                         text=True, check=False).stdout
-    return [line for line in out.splitlines() if marker in line and "ps -u" not in line]
-
-
-class TlsUpstream:
-    """A TLS server on the host's loopback: the 'internet' the proxy dials (pinned with
-    --upstream). Serves a fixed body, or `size` bytes, per request."""
-
-    def __init__(self, tmp: Path, name: str = "api.example.com", body: bytes = b"hello from upstream\n"):
-        import socket
-        import ssl
-        import threading
-
-        self.name = name
-        self.body = body
-        self.cert = tmp / "upstream-cert.pem"
-        key = tmp / "upstream-key.pem"
-        subprocess.run(
-            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-             "-subj", f"/CN={name}", "-addext", f"subjectAltName=DNS:{name},DNS:*.{name}",
-             "-keyout", str(key), "-out", str(self.cert)],
-            check=True, capture_output=True, timeout=60,
-        )
-        self.ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        self.ctx.load_cert_chain(self.cert, key)
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.accepted = 0
-        self.snis: list[str | None] = []
-        self.ctx.sni_callback = lambda s, n, c: self.snis.append(n)
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        import threading
-
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
-
-    def _handle(self, conn) -> None:
-        try:
-            with self.ctx.wrap_socket(conn, server_side=True) as tls:
-                tls.settimeout(20)
-                data = b""
-                while b"\r\n\r\n" not in data:
-                    chunk = tls.recv(4096)
-                    if not chunk:
-                        return
-                    data += chunk
-                tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
-                            % len(self.body) + self.body)
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ the connection open must all arrive, without waiting for the server to close."""
 from __future__ import annotations
 
 import pytest
-from conftest import TlsUpstream
+from harness import TlsUpstream
 
 SIZE = 64 * 1024 * 1024
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 
-from conftest import AGENTPEN
+from harness import AGENTPEN
 
 
 def test_check_json_reports_every_layer_and_exit_0_when_enforceable(sandbox):

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NoReturn
 
-from agentpen.core.osutil import capability_sets, close_fds_except, last_cap
+from agentpen.core.osutil import capability_sets, close_fds_except, last_cap, load_libc
 from agentpen.core.policy import SessionPolicy
 from agentpen.workers.jail import seccomp
 from agentpen.workers.jail.bwrap import (
@@ -107,7 +107,7 @@ class JailCapsError(RuntimeError):
 
 
 def _libc() -> ctypes.CDLL:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc = load_libc()
     libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
                            ctypes.c_ulong]
     libc.syscall.restype = ctypes.c_long
