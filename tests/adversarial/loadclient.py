@@ -203,7 +203,7 @@ async def slow(args: dict) -> dict:
         sent_bytes.append(i)
         w.close()
         if args.get("exit_on_first_close"):  # leave the rest to end with the sandbox
-            os._exit(0)
+            os._exit(int(args.get("exit", 0)))
 
     async def probes():
         res = []

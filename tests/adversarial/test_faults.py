@@ -37,6 +37,7 @@ from loadkit import (
     descendants,
     install_client,
     pin_args,
+    role_pid,
     wait_for,
 )
 
@@ -103,17 +104,23 @@ class Tree:
     """The session's processes, found from the host by walking /proc from agentpen."""
 
     supervisor: int
+    audit: Path
     pids: set[int] = field(default_factory=set)
     netns_inodes: set[str] = field(default_factory=set)
 
     def scan(self) -> dict[str, int]:
         found: dict[str, int] = {"supervisor": self.supervisor}
+        proxy = role_pid(self.audit, "proxy")
         for kid in children(self.supervisor):
             if comm(kid).startswith("pass"):
                 # The feature probe (pasta --help / --version) first, then the real one.
                 found["pasta" if "agentpen.workers.netns" in cmdline(kid) else "pasta-probe"] = kid
-            elif "agentpen" in cmdline(kid) or comm(kid).startswith("python"):
+            elif kid == proxy:
                 found["proxy"] = kid
+        # The pyroute2 verifier is double-forked: its parent is whoever reaps orphans (we do).
+        for kid in children(os.getpid()):
+            if kid != self.supervisor and "agentpen.supervisor" in cmdline(kid) and alive(kid):
+                found["verifier"] = kid
         if "pasta" in found:
             for kid in children(found["pasta"]):
                 if "agentpen.workers.netns" not in cmdline(kid) or comm(kid).startswith("pass"):
@@ -188,7 +195,7 @@ class Session:
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
             self.proc = sandbox.popen(*pin_args(up), *(extra or []), "--", "sh", "-c", script,
                                       audit=self.audit, stdout=out, stderr=err, **(popen_kw or {}))
-        self.tree = Tree(self.proc.pid)
+        self.tree = Tree(self.proc.pid, self.audit)
 
     def wait_role(self, role: str, timeout: float = 30.0) -> int:
         def find():
@@ -330,7 +337,7 @@ HANG = ("HOLE (racy: 1 run in 3 to 6, hence not strict): pasta SIGKILLed during 
         "pasta.stderr.read() after os.set_blocking(True) (signals are blocked for the signalfd: "
         "Ctrl-C cannot end it). NetnsWorker.kill() only killpg()s while the main pasta lives.")
 STARTUP = ["pasta-probe", pytest.param("pasta", marks=pytest.mark.xfail(strict=False, reason=HANG)),
-           "netns", "proxy", "jail"]
+           "verifier", "netns", "proxy", "jail"]
 
 
 @pytest.mark.parametrize("target", STARTUP)
