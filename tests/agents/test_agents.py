@@ -32,7 +32,8 @@ from agentpen.workers.jail.registry import load_registry
 
 pytestmark = pytest.mark.e2e
 
-HEADLESS_BOUND = 300.0   # seconds an agent may take to give up on an unreachable API by itself
+HEADLESS_BOUND = 360.0   # seconds an agent may take to give up on an unreachable API by itself
+NEVER_GIVES_UP_AFTER = 150.0  # for an agent that retries forever: long enough to see it retry
 REGISTRY = load_registry()
 EXTRA_HOSTS: dict[str, dict[str, list[str]]] = {}  # agent -> denied / dns-refused hosts (summary)
 
@@ -86,7 +87,7 @@ def headless(tmp_path_factory) -> dict[str, tuple[Result, float]]:
         t0 = time.time()
         r = run([*agent_headless_flags(agent), agent.command, *agent.headless], project=project,
                 env=agentpen_env(tmp, agent, **git_identity_env()), audit=tmp / "audit.jsonl",
-                timeout=HEADLESS_BOUND)
+                timeout=HEADLESS_BOUND if agent.gives_up_offline else NEVER_GIVES_UP_AFTER)
         return r, t0
 
     with ThreadPoolExecutor(len(AGENTS)) as pool:
@@ -110,7 +111,7 @@ AIDER_WORKAROUND = ["--unprotect", ".aider.conf.yml"]
 
 
 def agent_headless_flags(agent: Agent) -> list[str]:
-    flags = list(agent.headless_flags)
+    flags = [*agent.headless_flags, *agent.workaround_flags]
     if agent.name == "aider":
         flags += AIDER_WORKAROUND
         for name in git_identity_env():
@@ -155,7 +156,10 @@ def test_headless_prompt_reaches_its_api_host_and_exits_by_itself(agent: Agent, 
     print(f"\n{agent.name}: exit {r.returncode} after {r.seconds:.1f} s; allowed {allowed}; "
           f"not in the registry: denied {EXTRA_HOSTS[agent.name]['denied']}, "
           f"dns-refused {EXTRA_HOSTS[agent.name]['dns-refused']}")
-    assert r.returncode != -9, f"{agent.name} did not exit by itself in {HEADLESS_BOUND} s:\n{out[-3000:]}"
+    if agent.gives_up_offline:
+        assert not r.timed_out, f"{agent.name} did not exit by itself in {HEADLESS_BOUND} s:\n{out[-3000:]}"
+    else:
+        assert r.timed_out, f"{agent.name} now gives up by itself: set gives_up_offline (exit {r.returncode})"
     assert agent.api_host in allowed, (allowed, out[-3000:])
     # The proxy accepted it (SNI allowed) and the dial out failed: there is no internet here.
     failed = [e for e in r.audit()
@@ -163,9 +167,14 @@ def test_headless_prompt_reaches_its_api_host_and_exits_by_itself(agent: Agent, 
               and e.get("destination", {}).get("domain") == agent.api_host
               and (e.get("error") or e["event"]["action"] == "connection-upstream-error")]
     assert failed, f"no upstream failure audited for {agent.api_host}"
-    # It ended by itself with its own error: not agentpen's (125-127), not a signal.
-    assert r.returncode not in (0, 125, 126, 127) and r.returncode < 128, (r.returncode, out[-3000:])
     assert re.search(agent.error_re, out), out[-3000:]
+    if agent.gives_up_offline:
+        # It ended by itself with its own error: not agentpen's (125-127), not a signal.
+        ok = {0} if agent.exit_zero_on_error else set(range(1, 125))
+        assert r.returncode in ok, (r.returncode, out[-3000:])
+    else:
+        # Stopped with SIGTERM: agentpen ends the session and reports the signal.
+        assert r.returncode == 128 + 15, (r.returncode, out[-3000:])
     ended = r.events("session-ended")
     assert ended and ended[0]["process"]["exit_code"] == r.returncode
 
@@ -199,8 +208,10 @@ def test_config_state_persists_and_nothing_else_of_home_is_visible(agent: Agent,
     # ...and the agent's real session mounted only its install (ro) and its config paths.
     for m in r.session()["agentpen"]["mounts"]:
         path, mode = m.rsplit(":", 1)
-        if _within(path, HOME):
-            assert path in config or (mode == "ro" and _within(r.session()["process"]["executable"], path)), m
+        if _within(path, HOME) and path not in config:
+            # else only read-only install roots: the agent's own, or its node (#!/usr/bin/env node)
+            exe = r.session()["process"]["executable"]
+            assert mode == "ro" and (_within(exe, path) or os.path.isfile(f"{path}/bin/node")), m
     # Run 2: a new session with the agent's policy sees the same bytes, and no canary.
     canary = Path(HOME) / f"agentpen-canary-{uuid.uuid4().hex}"
     canary.mkdir(mode=0o700)
@@ -209,7 +220,7 @@ def test_config_state_persists_and_nothing_else_of_home_is_visible(agent: Agent,
         files = sorted(written)
         script = ("for f in " + " ".join(shlex.quote(f) for f in files) + "; do sha256sum \"$f\"; done; "
                   "echo ==; find ~ -mindepth 1 -maxdepth 3 -not -path '*/.git/*' | sort; "
-                  "cat ~/agentpen-canary-*/secret.txt 2>&1")
+                  "echo ==; cat ~/agentpen-canary-*/secret.txt 2>/dev/null || echo no-canary")
         r2 = run(["--agent", agent.name, "--", "sh", "-c", script], project=make_project(tmp_path),
                  env=agentpen_env(tmp_path, agent), audit=tmp_path / "audit.jsonl", timeout=120)
     finally:
@@ -218,7 +229,9 @@ def test_config_state_persists_and_nothing_else_of_home_is_visible(agent: Agent,
         canary.rmdir()
     assert r2.returncode != 125, r2.stderr
     seen = {}
-    head, _, listing = r2.stdout.partition("==\n")
+    head, _, rest = r2.stdout.partition("==\n")
+    listing, _, canary_read = rest.partition("==\n")
+    assert canary_read.strip() == "no-canary", canary_read
     for line in head.splitlines():
         digest, _, path = line.partition("  ")
         seen[path] = digest
@@ -227,11 +240,11 @@ def test_config_state_persists_and_nothing_else_of_home_is_visible(agent: Agent,
     # compare only those unchanged on the host since.
     changed = {f for f in changed if _digest_tree([f], 0).get(f) == written[f]}
     assert not changed, f"state not visible identically in run 2: {sorted(changed)}"
-    assert "canary secret" not in r2.stdout and "agentpen-canary" not in listing
+    assert "agentpen-canary" not in listing
     project_dir = str(tmp_path / "project")
     for entry in listing.splitlines():
         entry = entry.strip()
-        if not entry or entry.startswith("cat:"):
+        if not entry:
             continue
         ok = any(_within(entry, c) or _within(c, entry) for c in config) or \
             _within(project_dir, entry) or _within(entry, project_dir)
@@ -262,7 +275,7 @@ def test_tui_draws_resizes_quits_and_exit_status_propagates(agent: Agent, tmp_pa
         _claude_onboarded()
     project = make_project(tmp_path)
     audit = tmp_path / "audit.jsonl"
-    flags = [*agent_headless_flags(agent), *agent.tui_flags]
+    flags = agent_headless_flags(agent)
     term = Pty([*flags, agent.command], project=project,
                env=agentpen_env(tmp_path, agent, **git_identity_env(), **agent.tui_env), audit=audit)
     try:
@@ -290,11 +303,12 @@ def test_tui_draws_resizes_quits_and_exit_status_propagates(agent: Agent, tmp_pa
         term.close()
     ended = [e for e in Result(0, "", "", audit, 0).audit() if e["event"]["action"] == "session-ended"]
     assert ended, "no session-ended"
+    print(f"\n{agent.name}: TUI drew, redrew after resize, quit on {agent.tui_quit!r} with exit {code}")
     assert ended[0]["process"]["exit_code"] == code, (ended[0]["process"], code)
     assert code not in (125, 126, 127), screen[-2000:]
 
 
-@pytest.mark.xfail(strict=True, reason="finding: opencode's TUI writes into the read-only .opencode/ cover")
+@pytest.mark.xfail(strict=True, reason="finding: opencode writes into the read-only .opencode/ cover")
 @pytest.mark.timeout(TUI_START + 120)
 def test_opencode_tui_under_the_default_protection(tmp_path: Path):
     agent = AGENTS["opencode"]
