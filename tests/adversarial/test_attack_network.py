@@ -351,7 +351,12 @@ def test_hostile_dns_datagrams_do_not_take_the_resolver_down(prober, upstream):
 
 DNS_FLOOD = textwrap.dedent("""
     import os, socket
-    for i in range(40):  # 40 distinct refused names: 40 dns-refused events (the burst limit)
+    held = []  # 60 malformed hellos: proxy verdicts keep the supervisor busy...
+    for i in range(60):
+        s = socket.create_connection(("127.0.0.1", 443))
+        s.sendall(b"\\x16\\x03\\x01\\x00\\x05hello")
+        held.append(s)
+    for i in range(40):  # ...while 40 refused names queue dns-refused events (the burst limit)
         try:
             socket.getaddrinfo(f"n{i}-{os.urandom(3).hex()}.evil.example.net", 443)
         except socket.gaierror:
@@ -363,18 +368,22 @@ DNS_FLOOD = textwrap.dedent("""
 @pytest.mark.xfail(strict=True, reason=(
     "HOLE (exit status): Session._on_pasta_exit (supervisor/session.py) decides 'pasta exited "
     "before the command finished' (125) without draining the netns channel, whose exit status "
-    "message may still be queued behind DNS events; ~30% of such sessions end 125 instead of 0"))
+    "message may still be queued behind DNS events: about half such sessions end 125, not 0"))
 def test_exit_status_survives_a_busy_netns_channel(sandbox):
     """The sandbox can turn its own clean exit into agentpen's 125 by queueing audit events
-    just before it exits. A race: 16 sessions make a pass by luck ~0.3% likely."""
+    just before it exits. A race: _loop reads one netns message per select round and checks
+    pasta.poll() after each; measured 45-65% of sessions lose it, so 10 sessions pass by luck
+    well under 1% of the time."""
     script = sandbox.project / ".dnsflood.py"
     script.write_text(DNS_FLOOD)
     codes = []
-    for _ in range(16):
+    for _ in range(10):
         r = sandbox.run("--", PY, str(script), timeout=60)
         assert "flood-done" in r.stdout, r.stderr  # control: the command ran to its end
         codes.append(r.returncode)
-    assert codes == [0] * 16, codes
+        if r.returncode != 0:
+            break  # one wrong status is the finding; no need to run the rest
+    assert codes == [0] * 10, codes
 
 
 # -- the proxy must not dial a private address -----------------------------------------
