@@ -386,6 +386,22 @@ def test_exit_status_survives_a_busy_netns_channel(sandbox):
     assert codes == [0] * 10, codes
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "HOLE (audit): at teardown the supervisor closes the proxy and netns channels without "
+    "draining them (ProxySupervisor.stop, Session._teardown, and the exit-status race above): "
+    "measured 54/60 denials + 40/40 refused names at best, 5-23/60 + 4-21/40 when the race hits"))
+def test_every_attempt_just_before_exit_is_audited(sandbox):
+    """An agent that probes the allowlist and exits at once must leave every attempt in
+    the audit stream: 60 denied connections, 40 refused names, the DNS summary."""
+    script = sandbox.project / ".dnsflood.py"
+    script.write_text(DNS_FLOOD)
+    r = sandbox.run("--", PY, str(script), timeout=60)
+    assert "flood-done" in r.stdout, r.stderr  # control: every attempt was made
+    actions = r.actions()
+    counts = {a: actions.count(a) for a in ("connection-denied", "dns-refused", "dns-summary")}
+    assert counts == {"connection-denied": 60, "dns-refused": 40, "dns-summary": 1}, counts
+
+
 # -- the proxy must not dial a private address -----------------------------------------
 
 HOSTS_NS = textwrap.dedent("""
