@@ -80,7 +80,8 @@ def main() -> int:
         plan = [
             ("hold", {"hold": True, "n": hold_n, "open_concurrency": 100}),
             ("churn", {"n": churn_n, "concurrency": 100}),
-            ("slow", {"slow": slow_n, "silent": slow_n, "probes": 10, "interval": 0.5, "give_up": 30}),
+            ("slow", {"slow": slow_n, "silent": slow_n, "probes": 10, "interval": 0.5, "give_up": 30,
+                      "barrier": True}),
             ("huge", {"size": 1_000_000}),
         ]
         for name, kw in plan:
@@ -102,9 +103,9 @@ def main() -> int:
 
 
 def table(results: list[dict]) -> str:
-    rows = ["| scenario | offered | served | refused | errors | proxy RSS start -> peak (KiB) "
-            "| proxy fds | responsive probe | audit lines | wall s |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| scenario | offered | served | refused | errors | denied (audited) "
+            "| proxy RSS start -> peak (KiB) | proxy fds | responsive probe | audit lines | wall s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         c = r["client"]
         errs = c.get("errors", {})
@@ -126,8 +127,9 @@ def table(results: list[dict]) -> str:
         else:
             offered, served = f"1 hello of {c.get('wire_bytes')} B", c.get("outcome")
             probe = f"{c.get('probe_ok')} ({c.get('probe_s')} s)"
-        rows.append(f"| {r['scenario']} | {offered} | {served} | {refused} | {other} | {rss_s} | {fds} "
-                    f"| {probe} | {r['audit_lines']} | {r['wall_s']} |")
+        denied = r["audit_counts"]["connection-denied"]
+        rows.append(f"| {r['scenario']} | {offered} | {served} | {refused} | {other} | {denied} "
+                    f"| {rss_s} | {fds} | {probe} | {r['audit_lines']} | {r['wall_s']} |")
     return "\n".join(rows)
 
 

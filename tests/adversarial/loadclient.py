@@ -215,6 +215,10 @@ async def slow(args: dict) -> dict:
     tasks = [trickle(False) for _ in range(n_slow)] + [trickle(True) for _ in range(n_silent)]
     out = await asyncio.gather(probes(), *tasks)
     pr = out[0]
+    if args.get("barrier"):
+        # One last allowed connection: its ACK comes after every earlier verdict on the
+        # proxy's channel, so those are recorded before the command exits.
+        pr.append(await c.request())
     closed_after.sort()
     return {"scenario": "slow", "slow": n_slow, "silent": n_silent, "hello_bytes": len(hello),
             "closed": len(closed_after), "still_open": still_open,

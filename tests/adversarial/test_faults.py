@@ -269,11 +269,16 @@ def _tmp() -> set[str]:
 
 
 def user_sees(err: str) -> list[dict]:
-    """agentpen's stderr (--log-format json): only JSON lines, no traceback."""
+    """agentpen's stderr (--log-format json): JSON lines, never a traceback. A failure
+    before the console is set up (cli: preflight, pasta's feature probe) is printed as
+    the plain one-line form, 'agentpen: what (fix: how)': taken as an error line."""
     assert "Traceback" not in err, err[-3000:]
     lines = []
     for line in err.splitlines():
         if not line.strip():
+            continue
+        if line.startswith("agentpen: "):
+            lines.append({"log": {"level": "error"}, "message": line[len("agentpen: "):]})
             continue
         assert line.startswith("{"), f"not a JSON log line: {line[:300]}"
         lines.append(json.loads(line))
@@ -352,9 +357,12 @@ def test_kill_at_startup(sandbox, up, target):
     rc, err, events, res = s.end(45)  # the 30 s setup timeout, and some
     lines = user_sees(err)
     acts = actions(events)
-    assert acts[-1] == "session-ended", acts
-    # Killed before the session started (the pasta probe): only its end is recorded.
-    assert acts[0] == "session-started" or acts == ["session-ended"], acts
+    # Killed before the session started (the pasta probe, run by cli's preflight before the
+    # audit sink is opened, or by the session): nothing, or only its end, is recorded.
+    if target == "pasta-probe":
+        assert acts in ([], ["session-ended"]), acts
+    else:
+        assert acts[0] == "session-started" and acts[-1] == "session-ended", acts
     if target == "proxy":
         assert rc == CMD_EXIT and res["served"] == 1 and res["probe_ok"], (rc, res, errors_of(lines))
     else:
@@ -366,7 +374,8 @@ def test_kill_at_startup(sandbox, up, target):
             assert len(errors_of(lines)) == 1, errors_of(lines)
         if target == "pasta-probe":  # said as it is, not "pasta lacks options"
             assert "killed by signal SIGKILL" in errors_of(lines)[0], errors_of(lines)
-    assert events[-1]["process"]["exit_code"] == rc
+    if events:
+        assert events[-1]["process"]["exit_code"] == rc
     s.assert_nothing_left()
 
 
