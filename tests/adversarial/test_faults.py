@@ -635,6 +635,8 @@ def test_agentpen_with_too_few_descriptors(sandbox, up, nofile):
         assert rc == 125, (rc, errors_of(lines))
         assert len(errors_of(lines)) == 1, errors_of(lines)
         assert up.served == 0
+        if "pasta --help" in errors_of(lines)[0]:  # the probe hit the limit: say which fix
+            assert "ulimit -n" in errors_of(lines)[0], errors_of(lines)
     for e in events:  # whatever was written parses (audit_lines) and ends properly
         assert e["event"]["action"]
     s.assert_nothing_left()

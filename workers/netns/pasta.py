@@ -9,6 +9,7 @@ RA and gateway mapping are switched off where the binary supports switching them
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import signal
@@ -179,6 +180,11 @@ def detect_features(pasta_path: str = "pasta", *, timeout: float = 5.0) -> Pasta
                 stdin=subprocess.DEVNULL, check=False, restore_signals=True,
             )
         except (OSError, subprocess.TimeoutExpired) as exc:
+            if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+                raise NetnsSetupError(
+                    f"could not run {resolved} {flag}: out of file descriptors",
+                    "raise the open-file limit (ulimit -n 1024 or more)",
+                ) from exc
             raise NetnsSetupError(
                 f"could not run {resolved} {flag}: {exc}",
                 "check that pasta runs for this user (pasta --help)",
