@@ -402,6 +402,35 @@ def test_every_attempt_just_before_exit_is_audited(sandbox):
     assert counts == {"connection-denied": 60, "dns-refused": 40, "dns-summary": 1}, counts
 
 
+def _listeners(tables: dict[str, str]) -> set[tuple[str, str]]:
+    """(table, local address:port in /proc/net hex) of every listening TCP or bound UDP socket."""
+    out = set()
+    for name, text in tables.items():
+        for line in text.splitlines()[1:]:
+            f = line.split()
+            if len(f) > 3 and (name.startswith("udp") or f[3] == "0A"):  # 0A: TCP_LISTEN
+                out.add((name, f[1]))
+    return out
+
+
+def test_the_namespace_holds_only_the_two_doors(prober, servers):
+    """Inventory of the sandbox's network namespace: the proxy on 443/tcp and the resolver
+    on 53/udp, on 127.0.0.1 and ::1, nothing else: no pasta splice socket, no unix socket
+    (abstract or not) a worker could have left listening."""
+    servers.tcp("control", socket.AF_INET, ("127.0.0.1", 0))
+    checks = [{"name": t, "op": "read", "path": f"/proc/net/{t}"}
+              for t in ("tcp", "tcp6", "udp", "udp6", "raw", "raw6", "unix")]
+    host = prober.host(checks)
+    assert _listeners({t: host[t]["data"] for t in ("tcp", "tcp6", "udp", "udp6")}), "control"
+    res, _ = prober.inside(checks)
+    got = _listeners({t: res[t]["data"] for t in ("tcp", "tcp6", "udp", "udp6")})
+    v6_lo = "00000000000000000000000001000000"
+    assert got == {("tcp", "0100007F:01BB"), ("tcp6", v6_lo + ":01BB"),
+                   ("udp", "0100007F:0035"), ("udp6", v6_lo + ":0035")}, got
+    for t in ("raw", "raw6", "unix"):
+        assert len(res[t]["data"].splitlines()) == 1, (t, res[t]["data"])  # the header only
+
+
 # -- the proxy must not dial a private address -----------------------------------------
 
 HOSTS_NS = textwrap.dedent("""
