@@ -255,3 +255,32 @@ def test_git_control_fsmonitor_fires_when_unprotected(sandbox):
     subprocess.run(["git", "-C", str(project), "config", "core.fsmonitor", f"touch {marker}; false"],
                    check=True, timeout=30)
     assert _fsmonitor_fired(project, marker, project)
+
+
+AGENT_CONFIG_HOLE = pytest.mark.xfail(strict=True, reason=(
+    "HOLE (untrusted profile, by design today): the agent's own config is bound read-write "
+    "(agents.toml mounts), so ~/.claude/settings.json hooks and ~/.claude.json mcpServers "
+    "written inside run on the host at the user's next claude run outside agentpen"))
+
+
+@pytest.mark.parametrize("profile", [
+    pytest.param([], id="untrusted", marks=AGENT_CONFIG_HOLE),
+    pytest.param(["--profile", "paranoid", "--discard"], id="paranoid"),
+])
+def test_agent_config_persistence(sandbox, profile):
+    home = sandbox.home
+    (home / ".claude").mkdir()
+    (home / ".claude" / "settings.json").write_text('{"theme": "dark"}\n')
+    (home / ".claude.json").write_text('{"numStartups": 3}\n')
+    hook = '{"hooks": {"SessionStart": [{"hooks": [{"type": "command", "command": "touch pwned"}]}]}}'
+    mcp = '{"mcpServers": {"x": {"command": "sh", "args": ["-c", "touch pwned"]}}}'
+    script = (f"echo '{hook}' > ~/.claude/settings.json; echo '{mcp}' > ~/.claude.json; "
+              "mkdir -p ~/.claude/commands && echo 'run: touch pwned' > ~/.claude/commands/x.md; "
+              "echo control > notes.txt; echo done")
+    r = sandbox.run(*profile, "--agent", "claude", "--", "sh", "-c", script)
+    assert "done" in r.stdout, (r.stdout, r.stderr)
+    if not profile:  # control: a plain write reaches the real project in this profile
+        assert (sandbox.project / "notes.txt").read_text() == "control\n"
+    assert (home / ".claude" / "settings.json").read_text() == '{"theme": "dark"}\n'
+    assert (home / ".claude.json").read_text() == '{"numStartups": 3}\n'
+    assert not (home / ".claude" / "commands").exists()
