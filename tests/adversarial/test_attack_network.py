@@ -339,6 +339,9 @@ def test_hostile_dns_datagrams_do_not_take_the_resolver_down(prober, upstream):
     checks = [{"name": "fuzz_crash", "op": "udp", "host": "127.0.0.1", "port": 53,
                "payload_hex": FUZZ_CRASH.hex()},
               {"name": "long_label", "op": "udp", "host": "::1", "port": 53, "payload_hex": long_label.hex()},
+              # a question name of compression pointers that loop (fuzz_policy.py, crash-d1e18110)
+              *({"name": f"pointer_loop{i}", "op": "udp", "host": "127.0.0.1", "port": 53,
+                 "payload_hex": "c00107c00030000000d72f2dc000", "timeout": 0.2} for i in range(50)),
               {"name": "after", "op": "dns", "server": "127.0.0.1", "qname": upstream.name},
               {"name": "gai_after", "op": "getaddrinfo", "host": upstream.name}]
     res, run = prober.inside(checks, "--allow", upstream.name)
@@ -389,17 +392,22 @@ def test_exit_status_survives_a_busy_netns_channel(sandbox):
 @pytest.mark.xfail(strict=True, reason=(
     "HOLE (audit): at teardown the supervisor closes the proxy and netns channels without "
     "draining them (ProxySupervisor.stop, Session._teardown, and the exit-status race above): "
-    "measured 54/60 denials + 40/40 refused names at best, 5-23/60 + 4-21/40 when the race hits"))
+    "measured 37-54/60 denials + 36-40/40 refused names, 5-23/60 + 4-21/40 when the race hits; "
+    "a session losing nothing happens (about 1 in 5 when the machine is idle), so up to 4 run"))
 def test_every_attempt_just_before_exit_is_audited(sandbox):
     """An agent that probes the allowlist and exits at once must leave every attempt in
     the audit stream: 60 denied connections, 40 refused names, the DNS summary."""
     script = sandbox.project / ".dnsflood.py"
     script.write_text(DNS_FLOOD)
-    r = sandbox.run("--", PY, str(script), timeout=60)
-    assert "flood-done" in r.stdout, r.stderr  # control: every attempt was made
-    actions = r.actions()
-    counts = {a: actions.count(a) for a in ("connection-denied", "dns-refused", "dns-summary")}
-    assert counts == {"connection-denied": 60, "dns-refused": 40, "dns-summary": 1}, counts
+    want = {"connection-denied": 60, "dns-refused": 40, "dns-summary": 1}
+    for _ in range(4):  # a race: up to 4 sessions, stop at the first that loses anything
+        r = sandbox.run("--", PY, str(script), timeout=60)
+        assert "flood-done" in r.stdout, r.stderr  # control: every attempt was made
+        actions = r.actions()
+        counts = {a: actions.count(a) for a in want}
+        if counts != want:
+            break
+    assert counts == want, counts
 
 
 def _listeners(tables: dict[str, str]) -> set[tuple[str, str]]:

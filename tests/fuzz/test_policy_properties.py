@@ -243,6 +243,19 @@ def test_dns_regression_unpackable_question() -> None:
     assert rec.header.rcode == 1 and not rec.rr  # FORMERR, header only
 
 
+def test_dns_regression_compression_pointer_loop() -> None:
+    """fuzz_policy.py found it: a question name made of compression pointers that loop made
+    dnslib recurse to the limit (RecursionError, ~3 ms a datagram)."""
+    al = Allowlist(["api.example.com"])
+    for query in (bytes.fromhex("c00107c00030000000d72f2dc000"),
+                  bytes.fromhex("123401000001000000000000c00c00010001")):
+        reply, decision = answer(query, al.match, learn=False)
+        assert decision.verdict == "malformed", decision
+    # control: an uncompressed question for the allowed name is still answered
+    reply, decision = answer(DNSRecord.question("api.example.com", "A").pack(), al.match, learn=False)
+    assert decision.verdict == "allowed" and reply is not None
+
+
 @pytest.mark.parametrize("entry", ["*.com", "*", "localhost", "127.0.0.1", "0x7f.1", "vm", "runsc"])
 def test_control_refusals_still_refuse(entry: str) -> None:
     """Positive control for the properties above: the oracle functions see real refusals."""

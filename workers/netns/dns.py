@@ -72,9 +72,26 @@ def _formerr(query: bytes) -> bytes | None:
     return bytes(buf.data)
 
 
-# DNSLabelError and dnslib's BufferError are not DNSError subclasses.
+# DNSLabelError and dnslib's BufferError are not DNSError subclasses; dnslib follows
+# compression pointers recursively, so a pointer loop is a RecursionError.
 _PARSE_ERRORS = (DNSError, DNSLabelError, DNSBufferError, ValueError, IndexError, UnicodeError,
-                 TypeError)
+                 TypeError, RecursionError)
+
+
+def _compressed_question(query: bytes) -> bool:
+    """Does the first question's name use a compression pointer (or run off the end)?
+    Stub resolvers never compress the question; a pointer there can only loop or point
+    forward, and dnslib would chase a loop to the recursion limit (~3 ms a datagram,
+    found by tests/fuzz/fuzz_policy.py). Refused before dnslib sees it."""
+    pos = 12
+    while pos < len(query):
+        n = query[pos]
+        if n == 0:
+            return False
+        if n & 0xC0:
+            return True
+        pos += 1 + n
+    return True  # no terminating root label
 
 
 def answer(query: bytes, matcher: Matcher, *, learn: bool) -> tuple[bytes | None, DnsDecision]:
@@ -91,6 +108,8 @@ def answer(query: bytes, matcher: Matcher, *, learn: bool) -> tuple[bytes | None
 
 
 def _answer(query: bytes, matcher: Matcher, *, learn: bool) -> tuple[bytes | None, DnsDecision]:
+    if len(query) > 12 and query[4:6] != b"\0\0" and _compressed_question(query):
+        raise DNSError("compressed or unterminated question name")
     req = DNSRecord.parse(query)
     if req.header.qr:
         return None, DnsDecision("ignored")
