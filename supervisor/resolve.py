@@ -121,12 +121,14 @@ def resolve_policy(opts: Options, env: Mapping[str, str], *, cwd: str | None = N
 
     # -- allowlist ---------------------------------------------------------------
     allow: list[str] = []
+    seen: set[str] = set()
     for entry in [*(spec.hosts if spec else []), *opts.allow]:
         try:
             norm = normalize_allow_entry(entry)
         except ValueError as exc:
             raise UsageError(f"--allow {entry!r}: {exc}") from None
-        if norm not in allow:
+        if norm not in seen:  # a set beside the list: 10,000 entries stay linear
+            seen.add(norm)
             allow.append(norm)
 
     upstreams: list[Upstream] = []

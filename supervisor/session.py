@@ -492,9 +492,10 @@ class Session:
     # -- end -------------------------------------------------------------------------------
 
     def _teardown(self) -> None:
-        if self.proxy:
-            self.proxy.stop()
-            self.proxy.fail_closed()  # closes our copies of the listening sockets
+        # Tell the proxy first (it finishes in parallel), then wait for pasta, then reap.
+        if self.proxy and self.proxy.current:
+            with contextlib.suppress(OSError):
+                self.proxy.current.channel.send(MsgType.CONTROL, {"op": "shutdown"})
         if self.netns:
             try:
                 self.netns.pasta.wait(TEARDOWN_TIMEOUT if self.outcome.error is None else 0.5)
@@ -502,17 +503,35 @@ class Session:
                 self.netns.kill()
                 with contextlib.suppress(Exception):
                     self.netns.pasta.wait(TEARDOWN_TIMEOUT)
-            if self.netns.pasta.stderr is not None:
-                with contextlib.suppress(Exception):
-                    os.set_blocking(self.netns.pasta.stderr.fileno(), True)
-                    rest = self.netns.pasta.stderr.read()
-                    bodies = (self.pasta_log.feed(rest) if rest else []) + self.pasta_log.finish()
-                    for body in bodies:
-                        self.emit(body, sender="pasta", pid=self.netns.pasta.pid)
-                    self.netns.pasta.stderr.close()
+            self._drain_pasta_stderr()
             self.netns.channel.close()
+        if self.proxy:
+            self.proxy.stop()
+            self.proxy.fail_closed()  # closes our copies of the listening sockets
         self._remove_placeholders()
         self._restore_terminal()
+
+    def _drain_pasta_stderr(self) -> None:
+        """What pasta (and the netns worker) said last, without ever blocking: a process
+        still holding the pipe must not hang the teardown."""
+        assert self.netns is not None
+        err = self.netns.pasta.stderr
+        if err is None:
+            return
+        rest = b""
+        with contextlib.suppress(OSError):
+            os.set_blocking(err.fileno(), False)
+            for _ in range(64):
+                chunk = os.read(err.fileno(), 65536)
+                if not chunk:
+                    break
+                rest += chunk
+        bodies = (self.pasta_log.feed(rest) if rest and self.pasta_log else [])
+        bodies += self.pasta_log.finish() if self.pasta_log else []
+        for body in bodies:
+            self.emit(body, sender="pasta", pid=self.netns.pasta.pid)
+        with contextlib.suppress(OSError):
+            err.close()
 
     def _remove_placeholders(self) -> None:
         from agentpen.workers.jail.protect import remove_placeholders
