@@ -23,6 +23,7 @@ from agentlib import (
     agent_output,
     agent_params,
     agentpen_env,
+    frame_width,
     locate,
     make_project,
     run,
@@ -288,6 +289,9 @@ def test_tui_draws_resizes_quits_and_exit_status_propagates(agent: Agent, tmp_pa
         redrawn = term.read_until(lambda b: len(b) > before, 30.0)
         assert redrawn, f"{agent.name} did not redraw after TIOCSWINSZ"
         term.read_quiet(1.0, 10.0)
+        if agent.redraw_fits:  # the new frame is laid out for the new size
+            width = frame_width(bytes(term.buf[before:]))
+            assert 0 < width <= 70, f"{agent.name} redrew {width} columns wide on a 70-column terminal"
         # The quit keys, each sent once the agent reacted to the previous one (double Ctrl-C
         # agents only accept the second press within a short window).
         for key in agent.tui_quit:
