@@ -276,23 +276,25 @@ class Session:
                                  outcome="failure", agentpen={"role": role}))
             return None
 
-    def _on_netns_readable(self) -> None:
+    def _on_netns_readable(self) -> bool:
+        """Handle one message; False once the channel is closed."""
         assert self.netns is not None
         msg = self._recv(self.netns.channel, "netns")
         if msg is None:
-            self.sel.unregister(self.netns.channel.fileno())
+            with contextlib.suppress(KeyError, ValueError):
+                self.sel.unregister(self.netns.channel.fileno())
             if self.outcome.exit_code is None and self.outcome.signal is None and not self.outcome.error:
                 self.outcome.error = "the netns worker went away before reporting the command's exit"
             self.done = True
-            return
+            return False
         if msg.type == MsgType.HELLO:
             self.netns.pid = msg.sender_pid
             msg.close_fds()
-            return
+            return True
         if self.netns.pid is not None and msg.sender_pid not in (self.netns.pid, None):
             self.counters.protocol_violations += 1
             msg.close_fds()
-            return
+            return True
         if msg.type == MsgType.EVENT:
             self.emit(msg.body, sender="netns", pid=msg.sender_pid)
         elif msg.type == MsgType.FDS:
@@ -301,6 +303,7 @@ class Session:
         elif msg.type == MsgType.STATUS:
             self._on_netns_status(msg.body)
         msg.close_fds()
+        return True
 
     def _on_netns_status(self, body: dict[str, Any]) -> None:
         state = body.get("state")
@@ -375,6 +378,11 @@ class Session:
 
     def _on_pasta_exit(self) -> None:
         assert self.netns is not None
+        # pasta exits right after the netns worker: its last messages (the command's exit
+        # status among them) may still be queued. Read them before deciding anything.
+        self._drain(self.netns.channel, self._on_netns_readable, 2.0)
+        if self.done:
+            return
         code = self.netns.pasta.returncode
         self.emit(make_event(
             "worker-exited", f"pasta exited ({_describe(code)})",
@@ -503,13 +511,44 @@ class Session:
                 self.netns.kill()
                 with contextlib.suppress(Exception):
                     self.netns.pasta.wait(TEARDOWN_TIMEOUT)
+            self._drain(self.netns.channel, self._on_netns_readable, 2.0)
             self._drain_pasta_stderr()
             self.netns.channel.close()
         if self.proxy:
+            cur = self.proxy.current
+            if cur is not None:  # its last decisions and connection summaries
+                self._drain(cur.channel, lambda: self._on_proxy_readable(cur), 2.0)
             self.proxy.stop()
             self.proxy.fail_closed()  # closes our copies of the listening sockets
         self._remove_placeholders()
         self._restore_terminal()
+
+    def _drain(self, ch: Channel, handle, timeout: float) -> None:
+        """Read a worker's channel until EOF (bounded): nothing it said is lost at exit."""
+        import select
+
+        if ch.sock.fileno() < 0:
+            return
+        deadline = time.monotonic() + timeout
+        with contextlib.suppress(OSError):
+            os.set_blocking(ch.fileno(), False)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            try:
+                ready, _, _ = select.select([ch.fileno()], [], [], left)
+            except (OSError, ValueError):
+                return
+            if not ready:
+                return
+            try:
+                if not handle():
+                    return
+            except BlockingIOError:
+                continue
+            except OSError:
+                return
 
     def _drain_pasta_stderr(self) -> None:
         """What pasta (and the netns worker) said last, without ever blocking: a process

@@ -368,10 +368,6 @@ DNS_FLOOD = textwrap.dedent("""
 """)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "HOLE (exit status): Session._on_pasta_exit (supervisor/session.py) decides 'pasta exited "
-    "before the command finished' (125) without draining the netns channel, whose exit status "
-    "message may still be queued behind DNS events: about half such sessions end 125, not 0"))
 def test_exit_status_survives_a_busy_netns_channel(sandbox):
     """The sandbox can turn its own clean exit into agentpen's 125 by queueing audit events
     just before it exits. A race: _loop reads one netns message per select round and checks
@@ -389,11 +385,6 @@ def test_exit_status_survives_a_busy_netns_channel(sandbox):
     assert codes == [0] * 10, codes
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "HOLE (audit): at teardown the supervisor closes the proxy and netns channels without "
-    "draining them (ProxySupervisor.stop, Session._teardown, and the exit-status race above): "
-    "measured 37-54/60 denials + 36-40/40 refused names, 5-23/60 + 4-21/40 when the race hits; "
-    "a session losing nothing happens (about 1 in 5 when the machine is idle), so up to 4 run"))
 def test_every_attempt_just_before_exit_is_audited(sandbox):
     """An agent that probes the allowlist and exits at once must leave every attempt in
     the audit stream: 60 denied connections, 40 refused names, the DNS summary."""

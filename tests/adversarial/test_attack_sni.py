@@ -13,8 +13,6 @@ import socket
 import struct
 import threading
 
-import pytest
-
 ALLOWED = "api.example.com"
 
 
@@ -158,9 +156,6 @@ class SilentUpstream:
             c.close()
 
 
-@pytest.mark.xfail(strict=True, reason="HOLE: events the proxy sends at teardown are dropped: "
-                   "ProxySupervisor.stop() (supervisor/workers.py) sends shutdown, joins and closes the "
-                   "channel without reading it, so the summaries of connections open at exit are lost")
 def test_connections_open_at_exit_still_get_their_closing_summary(prober):
     up = SilentUpstream()
     try:

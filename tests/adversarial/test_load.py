@@ -125,11 +125,6 @@ def test_huge_client_hello(sandbox, up, size, allowed):
         assert up.accepted == 1  # only the probe
 
 
-@pytest.mark.xfail(strict=True, reason="HOLE: events in flight at session end are lost: when many "
-                   "connections end together just before the command exits, Session._teardown calls "
-                   "ProxySupervisor.stop(), which joins the proxy without reading its channel, so the "
-                   "denials it sent meanwhile are never audited (full mode: 400 hello-timeout denials, "
-                   "86 recorded)")
 def test_every_denial_is_audited_when_the_command_exits_right_after(sandbox, up):
     """n silent clients; the command exits the moment the first is cut at the hello
     timeout. Every one of the n connections ended denied (hello timeout, or closed by the
