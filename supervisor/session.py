@@ -76,6 +76,7 @@ class Session:
         self.pasta_log = None
         self.pending_signal: int | None = None
         self.covers: list[Any] = []
+        self.go_ns: int | None = None
         # Learn mode: names contacted that the allowlist would have blocked (from the
         # proxy's would-block decisions and the DNS worker's learned lookups).
         self.learned: dict[str, int] = {}
@@ -314,6 +315,7 @@ class Session:
                 agentpen={"network": body.get("network"), "nftables": body.get("nftables")},
             ), durable=True)
             # The session start is on disk (emitted durably before this point).
+            self.go_ns = time.time_ns()  # from here on the sandbox can write the project
             try:
                 self.netns.channel.send(MsgType.CONTROL, {"op": "go"})  # type: ignore[union-attr]
             except OSError:
@@ -521,6 +523,7 @@ class Session:
             self.proxy.stop()
             self.proxy.fail_closed()  # closes our copies of the listening sockets
         self._remove_placeholders()
+        self._quarantine_git_redirections()
         self._restore_terminal()
 
     def _drain(self, ch: Channel, handle, timeout: float) -> None:
@@ -571,6 +574,35 @@ class Session:
             self.emit(body, sender="pasta", pid=self.netns.pasta.pid)
         with contextlib.suppress(OSError):
             err.close()
+
+    def _quarantine_git_redirections(self) -> None:
+        """See supervisor/persistence.py: what the host's git would run, planted this session."""
+        if self.go_ns is None:
+            return  # the sandbox never ran
+        from agentpen.supervisor.persistence import scan_and_quarantine
+
+        findings, complete = scan_and_quarantine(self.policy.project, self.go_ns)
+        for f in findings:
+            done = f.quarantined_to is not None
+            self.emit(make_event(
+                "persistence-quarantined",
+                f"{f.path}: {f.why}; " + (f"renamed to {f.quarantined_to}" if done
+                                          else f"could not be renamed: {f.error}"),
+                level="warning" if done else "error", category=["file", "intrusion_detection"],
+                type=["change"] if done else ["error"], outcome="success" if done else "failure",
+                reason=f.why,
+                agentpen={"path": f.path, "quarantined_to": f.quarantined_to, "error": f.error},
+            ), durable=True)
+            self.log.warning("planted git redirection quarantined" if done else
+                             "planted git redirection could NOT be quarantined: do not run git here",
+                             path=f.path, moved_to=f.quarantined_to, why=f.why)
+        if not complete:
+            self.emit(make_event(
+                "persistence-scan-incomplete", "the project was too large to scan for planted git "
+                "redirections in time", level="warning", category=["file"], type=["info"],
+                outcome="failure", agentpen={"project": self.policy.project},
+            ))
+            self.log.warning("scan for planted git redirections incomplete", project=self.policy.project)
 
     def _remove_placeholders(self) -> None:
         from agentpen.workers.jail.protect import remove_placeholders
