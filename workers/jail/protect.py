@@ -53,7 +53,9 @@ CoverKind = Literal["ro-bind", "dir", "file", "pin"]
 def placeholder_data(name: str) -> bytes:
     """What a missing protected file reads as inside: valid and inert, so an agent
     that parses it (opencode.json, .mcp.json) starts rather than failing on ''."""
-    return b"{}\n" if name.endswith(".json") else b""
+    # JSON and YAML parsers both read "{}" as an empty mapping (aider rejects an empty
+    # .aider.conf.yml and exits 2).
+    return b"{}\n" if name.endswith((".json", ".yml", ".yaml")) else b""
 
 
 class ProtectError(ValueError):
