@@ -214,6 +214,8 @@ def resolve_policy(opts: Options, env: Mapping[str, str], *, cwd: str | None = N
         passthrough=spec.env if spec else (),
         extra=extra_env,
     )
+    if "GIT_CONFIG_COUNT" not in sandbox_env:
+        sandbox_env.update(git_identity_env(env))
 
     for p in opts.protect:
         if os.path.isabs(p):
@@ -260,3 +262,36 @@ def _create_state_path(path: str) -> None:
             f.write("{}\n")
     elif not os.path.splitext(os.path.basename(path))[1]:
         os.makedirs(path, mode=0o700, exist_ok=True)
+
+
+def git_identity_env(env: Mapping[str, str]) -> dict[str, str]:
+    """The user's git name and e-mail (and nothing else of ~/.gitconfig, which the sandbox
+    cannot see) as GIT_CONFIG_* variables, so `git commit` works inside and tools that ask
+    `git config user.name` get an answer instead of writing the read-only .git/config."""
+    import shutil
+    import subprocess
+
+    git = shutil.which("git", path=env.get("PATH") or None)
+    if not git:
+        return {}
+    try:
+        out = subprocess.run(
+            [git, "config", "--global", "--get-regexp", r"^user\.(name|email)$"],
+            capture_output=True, text=True, timeout=5, check=False,
+            env={"HOME": env.get("HOME", ""), "PATH": env.get("PATH", "/usr/bin:/bin"),
+                 **({"XDG_CONFIG_HOME": env["XDG_CONFIG_HOME"]} if "XDG_CONFIG_HOME" in env else {})},
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    pairs = []
+    for line in out.splitlines():
+        key, _, value = line.partition(" ")
+        if key in ("user.name", "user.email") and value and "\n" not in value:
+            pairs.append((key, value))
+    result: dict[str, str] = {}
+    for i, (key, value) in enumerate(pairs):
+        result[f"GIT_CONFIG_KEY_{i}"] = key
+        result[f"GIT_CONFIG_VALUE_{i}"] = value
+    if pairs:
+        result["GIT_CONFIG_COUNT"] = str(len(pairs))
+    return result
