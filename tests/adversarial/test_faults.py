@@ -152,7 +152,8 @@ class Tree:
         while True:
             live = sorted({p for p in self.pids if alive(p)} | set(orphans({self.supervisor, *(keep or ())})))
             if not live or time.monotonic() > deadline:
-                desc = [f"{p} {comm(p)} ppid={_ppid(p)} {cmdline(p)[:100]}" for p in live]
+                desc = [f"{p} {comm(p)} ppid={_ppid(p)} pgid={_pgid(p)} {cmdline(p)[:100]}"
+                        for p in live]
                 for p in live:
                     with contextlib.suppress(OSError):
                         os.kill(p, signal.SIGKILL)
@@ -165,6 +166,13 @@ def _netns(pid: int) -> str | None:
         return os.readlink(f"/proc/{pid}/ns/net")
     except OSError:
         return None
+
+
+def _pgid(pid: int) -> int:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return 0
 
 
 def _ppid(pid: int) -> int:
@@ -337,13 +345,10 @@ def test_kill_mid_connection(sandbox, up, target, status):
 
 # pasta killed as it starts once made Channel.send raise BrokenPipeError out of Session.run
 # ("agentpen: internal error", not JSON); fixed in dc793a3, about 1 run in 3 hit it before.
-HANG = ("HOLE (racy: 1 run in 3 to 6, hence not strict): pasta SIGKILLed during namespace setup "
-        "leaves its forked child (same process group, reparented, in sigtimedwait) holding the "
-        "write end of pasta's stderr pipe; Session._teardown then blocks for ever in "
-        "pasta.stderr.read() after os.set_blocking(True) (signals are blocked for the signalfd: "
-        "Ctrl-C cannot end it). NetnsWorker.kill() only killpg()s while the main pasta lives.")
-STARTUP = ["pasta-probe", pytest.param("pasta", marks=pytest.mark.xfail(strict=False, reason=HANG)),
-           "verifier", "netns", "proxy", "jail"]
+# Hole A, fixed in 7d31f21: pasta SIGKILLed during namespace setup left its forked child
+# (same process group, reparented) holding pasta's stderr pipe, and Session._teardown
+# blocked for ever in a blocking read() of it (1 run in 3 to 6).
+STARTUP = ["pasta-probe", "pasta", "verifier", "netns", "proxy", "jail"]
 
 
 @pytest.mark.parametrize("target", STARTUP)
@@ -382,7 +387,6 @@ def test_kill_at_startup(sandbox, up, target):
     s.assert_nothing_left()
 
 
-@pytest.mark.xfail(strict=False, reason=HANG)
 def test_kill_of_pastas_setup_child_ends_the_session(sandbox, up):
     s = Session(sandbox, up)
     pid = s.wait_role("pasta-helper")
