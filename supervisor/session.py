@@ -77,6 +77,7 @@ class Session:
         self.pending_signal: int | None = None
         self.covers: list[Any] = []
         self.go_ns: int | None = None
+        self.guardian: Any = None
         # Learn mode: names contacted that the allowlist would have blocked (from the
         # proxy's would-block decisions and the DNS worker's learned lookups).
         self.learned: dict[str, int] = {}
@@ -154,6 +155,10 @@ class Session:
         # Persistence covers, computed once here so that the supervisor can remove the
         # placeholders bwrap creates in the project even if every worker was killed.
         self.covers = plan_protection(p.project, protected_list(p.protect, p.unprotect))
+        from agentpen.supervisor.guardian import Guardian
+
+        # Before the sandbox can create anything: cleans up if we are SIGKILLed.
+        self.guardian = Guardian(self.netns.pasta.pid, self.covers)
         self.netns.channel.send(MsgType.CONFIG, {
             "policy": p.to_json(),
             "covers": [{"path": c.path, "kind": c.kind, "rel": c.rel, "data": c.data.decode()}
@@ -177,6 +182,10 @@ class Session:
                 "env_names": sorted(p.env),
             },
         ), durable=True)
+        if getattr(self.audit, "failing", False) and getattr(self.audit, "failure", "deny") != "continue":
+            # The start of the session is not on disk: no command may run unrecorded.
+            raise SetupFailed("the audit stream could not record the session start",
+                              fix="check the audit sink (disk space, permissions, the --audit-fd reader)")
         self.emit(make_event(
             "worker-started", f"pasta started (pid {self.netns.pasta.pid})",
             category=["process"], type=["start"], outcome="success",
@@ -522,8 +531,13 @@ class Session:
                 self._drain(cur.channel, lambda: self._on_proxy_readable(cur), 2.0)
             self.proxy.stop()
             self.proxy.fail_closed()  # closes our copies of the listening sockets
+        if self.netns:  # a child pasta forked during setup may outlive pasta itself
+            with contextlib.suppress(OSError):
+                os.killpg(self.netns.pasta.pid, signal.SIGKILL)
         self._remove_placeholders()
         self._quarantine_git_redirections()
+        if self.guardian is not None:
+            self.guardian.release()
         self._restore_terminal()
 
     def _drain(self, ch: Channel, handle, timeout: float) -> None:

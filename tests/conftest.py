@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,7 @@ def _unprivileged_with_tools(request):
 
 
 @pytest.fixture
-def sandbox(tmp_path: Path) -> Sandbox:
+def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
     home = tmp_path / "home"
     (home / ".ssh").mkdir(parents=True)
     (home / ".ssh" / "id_ed25519").write_text("-----BEGIN OPENSSH PRIVATE KEY----- secret\n")
@@ -49,7 +50,9 @@ def sandbox(tmp_path: Path) -> Sandbox:
     sibling.mkdir()
     (sibling / "private.txt").write_text("sibling secret\n")
     state = tmp_path / "state"
-    return Sandbox(tmp_path, home, project, sibling, state)
+    box = Sandbox(tmp_path, home, project, sibling, state)
+    yield box
+    box.kill_leftover_sessions()
 
 
 @pytest.fixture

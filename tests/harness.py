@@ -9,7 +9,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 AGENTPEN = [sys.executable, "-m", "agentpen.supervisor"]
@@ -40,6 +40,7 @@ class Sandbox:
     project: Path
     sibling: Path
     state: Path
+    procs: list = field(default_factory=list)  # sessions started with popen(): killed at teardown
 
     def env(self, **extra: str) -> dict[str, str]:
         env = {
@@ -61,7 +62,16 @@ class Sandbox:
         argv = self.argv(*args, audit=audit)
         kw.setdefault("cwd", self.project)
         kw.setdefault("env", self.env())
-        return subprocess.Popen(argv, **kw)
+        proc = subprocess.Popen(argv, **kw)
+        self.procs.append(proc)
+        return proc
+
+    def kill_leftover_sessions(self) -> None:
+        """A test that failed half-way must not leave its agentpen running."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
 
     @staticmethod
     def leftovers(marker: str) -> list[str]:
