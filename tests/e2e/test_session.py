@@ -157,3 +157,20 @@ def test_workers_are_confined_while_the_command_runs(sandbox):
         go.touch()
         p.communicate(timeout=30)
     assert p.returncode == 0
+
+
+def test_a_program_installed_outside_home_and_the_system_dirs_runs(sandbox):
+    """/opt/X, a Homebrew keg...: its install prefix is mounted read-only (it was 127)."""
+    prefix = sandbox.root / "opt" / "tool"
+    (prefix / "bin").mkdir(parents=True)
+    (prefix / "share").mkdir()
+    (prefix / "share" / "data").write_text("tool data\n")
+    tool = prefix / "bin" / "tool"
+    tool.write_text(f"#!/bin/sh\necho tool-ok; cat {prefix}/share/data\n")
+    tool.chmod(0o755)
+    env = sandbox.env(PATH=f"{prefix / 'bin'}:/usr/bin:/bin")
+    r = sandbox.run("tool", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "tool-ok" in r.stdout and "tool data" in r.stdout
+    started = next(e for e in r.audit() if e["event"]["action"] == "session-started")
+    assert f"{prefix}:ro" in started["agentpen"]["mounts"]

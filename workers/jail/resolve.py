@@ -73,9 +73,30 @@ _BROAD = (".local", ".local/share", ".local/bin", ".config", ".cache", ".npm", "
           ".nvm/versions", ".nvm/versions/node", "node_modules", ".local/lib")
 
 
+# What the jail shows of the host anyway (read-only): programs here need no mount.
+_SYSTEM = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/nix/store",
+           "/run/current-system")
+
+
+def _outside_root(real: str) -> str:
+    """A program outside $HOME and the system directories (/opt/X, a Homebrew keg, ...):
+    its venv or npm package, else the prefix of its bin/ directory, else the file."""
+    d = os.path.dirname(real)
+    while d not in ("/", ""):
+        if os.path.isfile(os.path.join(d, "pyvenv.cfg")) or os.path.isfile(os.path.join(d, "package.json")):
+            return d
+        if os.path.basename(d) == "bin":
+            prefix = os.path.dirname(d)
+            return prefix if prefix.count("/") >= 2 else real  # /opt/X, never /opt or /
+        d = os.path.dirname(d)
+    return real
+
+
 def _mount_for(real: str, home: str, why: str) -> Mount | None:
     if not _within(real, home):
-        return None  # system paths are already visible read-only
+        if any(_within(real, root) for root in _SYSTEM):
+            return None  # system paths are already visible read-only
+        return Mount(_outside_root(real), "ro", why)
     root = _install_root(real, home)
     rel = os.path.relpath(root, home)
     if root == home or rel in _BROAD:
