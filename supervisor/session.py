@@ -166,7 +166,7 @@ class Session:
         })
         allow_hash = hashlib.sha256("\n".join(sorted(p.allow)).encode()).hexdigest()
         # Durable before the netns worker may start the command (it waits for "go").
-        self.emit(make_event(
+        self.audit.emit(make_event(
             "session-started",
             f"session started: {p.command_name} ({p.agent or 'no agent profile'}) in {p.project}",
             category=["process", "session"], type=["start"], outcome="success",
@@ -181,9 +181,10 @@ class Session:
                 "host_ports": list(p.host_ports), "layers": self.enforced,
                 "env_names": sorted(p.env),
             },
-        ), durable=True)
-        if getattr(self.audit, "failing", False) and getattr(self.audit, "failure", "deny") != "continue":
+        ), sender="supervisor", pid=os.getpid(), durable=True)
+        if not self.audit.healthy:
             # The start of the session is not on disk: no command may run unrecorded.
+            self._audit_was_healthy = False  # this is the one message about it
             raise SetupFailed("the audit stream could not record the session start",
                               fix="check the audit sink (disk space, permissions, the --audit-fd reader)")
         self.emit(make_event(
@@ -353,6 +354,11 @@ class Session:
         elif state == "sandbox-exit-code":
             self.outcome.exit_code = int(body["exit_code"])
         elif state == "exited":
+            if self.outcome.error and self.outcome.exit_code is None and self.outcome.signal is None:
+                # agentpen already ended the session (e.g. --audit-failure halt): the jail's
+                # death by our SIGKILL must not turn that 125 into 137.
+                self.done = True
+                return
             if body.get("error"):
                 self.outcome.error = f"the jail could not start the command: {body['error']}"
                 self.outcome.exit_code = None

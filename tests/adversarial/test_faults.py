@@ -452,7 +452,8 @@ def test_kill_9_of_the_supervisor_takes_everything_down(sandbox, up, when):
     assert acts == [] or acts[0] == "session-started", acts
 
 
-@pytest.mark.xfail(strict=True, reason="HOLE: a supervisor SIGKILLed while pasta sets up the "
+@pytest.mark.xfail(strict=False, reason="HOLE (narrowed by the guardian, not proven closed): "
+                   "a supervisor SIGKILLed while pasta sets up the "
                    "namespace leaves a pasta process (parent or its pre-exec child) alive for good, "
                    "reparented, in sigtimedwait, holding the sandbox's user and net namespaces: "
                    "PDEATHSIG alone does not cover pasta's start-up")
@@ -537,11 +538,6 @@ def test_audit_reader_vanishes_mid_session_new_connections_refused(sandbox, up):
     s.assert_nothing_left()
 
 
-@pytest.mark.xfail(strict=True, reason="HOLE (regression, 732a742): --audit-failure halt exits "
-                   "137, not the documented 125: Session._teardown now drains the netns channel, and "
-                   "_on_netns_status('exited', signal 9: the command stopped by the halt) sets "
-                   "outcome.signal after AuditHalt had left only outcome.error; Outcome.status() "
-                   "then returns 128+9")
 def test_audit_reader_vanishes_with_halt_stops_the_session(sandbox, up):
     path, reader = _fifo(sandbox)
     writer = os.open(path, os.O_WRONLY)
@@ -573,10 +569,6 @@ def test_dev_full_as_audit_log_fails_closed_for_egress(sandbox, up):
     s.assert_nothing_left()
 
 
-@pytest.mark.xfail(strict=True, reason="HOLE: with an audit sink that fails from the first line "
-                   "(--audit-log /dev/full, a full disk) the command still runs: session-started "
-                   "was never written, yet Session._on_netns_status sends 'go' (docs/audit.md "
-                   "promises the start is on disk before the agent runs)")
 def test_no_command_runs_when_session_started_cannot_be_written(sandbox, up):
     s = Session(sandbox, up, audit=Path("/dev/full"), go_timeout=1)
     rc, err, _events, _res = s.end()
