@@ -128,9 +128,10 @@ class Session:
             # --audit-failure halt: no unaudited work. Stop the command, report 125.
             self.outcome.error = f"audit sink failed and --audit-failure is halt: {exc}"
             self.outcome.exit_code = self.outcome.signal = None
-            if self.netns:
-                with contextlib.suppress(OSError):
-                    self.netns.channel.send(MsgType.CONTROL, {"op": "shutdown"})
+            for w in (self.netns, self.proxy and self.proxy.current):
+                if w:  # the proxy too: open connections stop now, not after the sandbox
+                    with contextlib.suppress(OSError):
+                        w.channel.send(MsgType.CONTROL, {"op": "shutdown"})
         except AgentpenError as exc:
             self.outcome.error, self.outcome.fix = exc.message, exc.fix
         except OSError as exc:  # a worker's channel broke under us (it died): one line, 125
@@ -517,10 +518,9 @@ class Session:
     # -- end -------------------------------------------------------------------------------
 
     def _teardown(self) -> None:
-        # Tell the proxy first (it finishes in parallel), then wait for pasta, then reap.
-        if self.proxy and self.proxy.current:
-            with contextlib.suppress(OSError):
-                self.proxy.current.channel.send(MsgType.CONTROL, {"op": "shutdown"})
+        # Pasta first: once the sandbox is gone no new connection can start, and every
+        # hello still unjudged is already in the proxy's sockets. Then the proxy is told
+        # to stop; it judges those, and the drain below records them and ACKs decisions.
         if self.netns:
             try:
                 self.netns.pasta.wait(TEARDOWN_TIMEOUT if self.outcome.error is None else 0.5)
@@ -534,7 +534,9 @@ class Session:
         if self.proxy:
             cur = self.proxy.current
             if cur is not None:  # its last decisions and connection summaries
-                self._drain(cur.channel, lambda: self._on_proxy_readable(cur), 2.0)
+                with contextlib.suppress(OSError):
+                    cur.channel.send(MsgType.CONTROL, {"op": "shutdown"})
+                self._drain(cur.channel, lambda: self._on_proxy_readable(cur), 3.0)
             self.proxy.stop()
             self.proxy.fail_closed()  # closes our copies of the listening sockets
         if self.netns:  # a child pasta forked during setup may outlive pasta itself

@@ -58,6 +58,7 @@ class Limits:
     max_connections: int = 4096  # concurrent, per session (one worker serves one session)
     write_high: int = 256 * 1024  # per direction: pause the reader above this
     max_outbox: int = 4096  # channel messages queued while the supervisor is slow
+    verdict_grace: float = 1.0  # at shutdown, for accepted connections to be judged
     upstream_port: int = 443
     listen_backlog: int = 65535  # uvloop re-listen()s; the kernel clamps to somaxconn
 
@@ -171,6 +172,14 @@ class Proxy:
     async def _stop(self, *, audit: bool) -> None:
         for srv in self._servers:
             srv.close()
+        if audit:
+            # The supervisor asks once the sandbox is gone, so a hello still unjudged is
+            # already in its socket buffer (or its EOF is): let each connection reach its
+            # verdict, recorded, before anything is aborted. Bounded: a client that never
+            # sent a byte must not hold the teardown.
+            deadline = self.loop.time() + self.limits.verdict_grace
+            while any(c.undecided for c in self.conns) and self.loop.time() < deadline:
+                await asyncio.sleep(0.005)
         for conn in list(self.conns):
             conn.abort("worker shutdown" if audit else "supervisor gone")
         if audit:  # give the summaries a bounded chance to reach the supervisor
@@ -351,7 +360,7 @@ class Connection(asyncio.Protocol):
         self.up_port = 0
         self.deadline = 0.0
         self.pinned = False
-        self.started = False  # an allowed/start event was recorded: owe a summary
+        self.started = False  # an allowed/start event was sent: owe a summary
         self.closing = False
         self.client_eof = self.upstream_eof = False
         self.client_gone = False
@@ -444,6 +453,14 @@ class Connection(asyncio.Protocol):
             self._task.cancel()
         self._done()
 
+    @property
+    def undecided(self) -> bool:
+        """Accepted, still open, and neither denied nor past its recorded decision."""
+        if self.closing or self.client_gone:
+            return False
+        return self.parser is not None or (self._task is not None and not self.started
+                                           and not self._task.done())
+
     # -- decision ---------------------------------------------------------------------------
 
     def _fields(self) -> dict[str, Any]:
@@ -512,6 +529,9 @@ class Connection(asyncio.Protocol):
             "connection-allowed", msg, level="warning" if would_block else "info",
             category=["network"], type=["connection", "allowed", "start"], outcome="success",
             reason="learn mode" if would_block else None, **f))
+        # Queued means the supervisor may record it even if we never read its ACK (a
+        # shutdown aborts us first): from here on the connection owes its summary.
+        self.started = not ack.done()
         try:
             async with asyncio.timeout(p.limits.ack_timeout):  # no extra task, unlike wait_for
                 ok = await ack
@@ -521,7 +541,6 @@ class Connection(asyncio.Protocol):
             self.close_reason = "decision not recorded by the supervisor"
             self._finish_quietly()
             return
-        self.started = True
         try:
             await self._dial(name, pin)
         except Exception as exc:  # any dial failure ends the connection, audited
@@ -672,7 +691,7 @@ class Connection(asyncio.Protocol):
         name = self.hello.server_name if self.hello else None
         self.proxy.event(make_event(
             "connection-closed",
-            f"{name}: {'upstream error: ' + (self.error or '') if failed else self.close_reason}",
+            f"{name}: {'upstream error: ' + self.error if self.error else self.close_reason}",
             level="error" if failed else "info", category=["network"],
             type=["connection", "end"], outcome="failure" if failed else "success",
             event={"duration": time.monotonic_ns() - self.t0},
