@@ -2,9 +2,10 @@
 
 PDEATHSIG takes the workers down with the supervisor, but two things survive a `kill -9`
 of the supervisor itself: the empty protection placeholders bwrap needed as mount points
-in the project, and a child pasta forks while it builds the namespace (it is not covered
-by pasta's PDEATHSIG). The guardian is forked before the sandbox can run; it blocks on a
-pipe whose only write end the supervisor holds. A clean teardown writes one byte (the
+in the project (and the scratch directories behind writable covers), and a child pasta
+forks while it builds the namespace (it is not covered by pasta's PDEATHSIG). The guardian
+is forked before the sandbox can run; it blocks on a pipe whose only write end the
+supervisor holds. A clean teardown writes one byte (the
 supervisor did the work itself); end-of-file means the supervisor died: the guardian kills
 pasta's whole process group and removes the placeholders, then exits. It ignores the
 terminal's and the shell's signals so that it outlives exactly the supervisor."""
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 from collections.abc import Sequence
 from typing import Any
@@ -24,13 +26,13 @@ from agentpen.workers.jail.protect import remove_placeholders
 
 
 class Guardian:
-    def __init__(self, pasta_pgid: int, covers: Sequence[Any]) -> None:
+    def __init__(self, pasta_pgid: int, covers: Sequence[Any], scratch_root: str | None = None) -> None:
         r, w = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
         if pid == 0:  # the guardian
             try:
                 os.close(w)
-                _guard(r, pasta_pgid, covers)
+                _guard(r, pasta_pgid, covers, scratch_root)
             finally:
                 os._exit(0)
         os.close(r)
@@ -46,7 +48,7 @@ class Guardian:
             os.waitpid(self.pid, 0)
 
 
-def _guard(r: int, pasta_pgid: int, covers: Sequence[Any]) -> None:
+def _guard(r: int, pasta_pgid: int, covers: Sequence[Any], scratch_root: str | None) -> None:
     for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGTSTP,
                 signal.SIGTTOU, signal.SIGTTIN):
         signal.signal(sig, signal.SIG_IGN)
@@ -67,3 +69,5 @@ def _guard(r: int, pasta_pgid: int, covers: Sequence[Any]) -> None:
         os.killpg(pasta_pgid, signal.SIGKILL)
     with contextlib.suppress(Exception):
         remove_placeholders(covers)
+    if scratch_root:  # what the agent wrote under scratch covers: never kept
+        shutil.rmtree(scratch_root, ignore_errors=True)

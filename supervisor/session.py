@@ -76,6 +76,7 @@ class Session:
         self.pasta_log = None
         self.pending_signal: int | None = None
         self.covers: list[Any] = []
+        self.scratch_root: str | None = None  # private dirs behind scratch covers
         self.go_ns: int | None = None
         self.guardian: Any = None
         # Learn mode: names contacted that the allowlist would have blocked (from the
@@ -151,19 +152,26 @@ class Session:
             self.netns = self.early_netns
         else:
             self.netns = start_pasta(p)
-        from agentpen.workers.jail.protect import plan_protection, protected_list
+        from agentpen.workers.jail.protect import plan_protection, protected_list, scratch_root_for
 
         # Persistence covers, computed once here so that the supervisor can remove the
         # placeholders bwrap creates in the project even if every worker was killed.
-        self.covers = plan_protection(p.project, protected_list(p.protect, p.unprotect))
+        root = scratch_root_for(p.project)
+        self.covers = plan_protection(p.project, protected_list(p.protect, p.unprotect), root)
+        if root and any(c.kind == "scratch" for c in self.covers):
+            os.mkdir(root, 0o700)  # fails on anything already there, links included
+            self.scratch_root = root
+            for c in self.covers:
+                if c.kind == "scratch":
+                    os.mkdir(c.source, 0o700)
         from agentpen.supervisor.guardian import Guardian
 
         # Before the sandbox can create anything: cleans up if we are SIGKILLed.
-        self.guardian = Guardian(self.netns.pasta.pid, self.covers)
+        self.guardian = Guardian(self.netns.pasta.pid, self.covers, self.scratch_root)
         self.netns.channel.send(MsgType.CONFIG, {
             "policy": p.to_json(),
-            "covers": [{"path": c.path, "kind": c.kind, "rel": c.rel, "data": c.data.decode()}
-                       for c in self.covers],
+            "covers": [{"path": c.path, "kind": c.kind, "rel": c.rel, "data": c.data.decode(),
+                        "source": c.source} for c in self.covers],
         })
         allow_hash = hashlib.sha256("\n".join(sorted(p.allow)).encode()).hexdigest()
         # Durable before the netns worker may start the command (it waits for "go").
@@ -543,6 +551,7 @@ class Session:
             with contextlib.suppress(OSError):
                 os.killpg(self.netns.pasta.pid, signal.SIGKILL)
         self._remove_placeholders()
+        self._discard_scratch()
         self._quarantine_git_redirections()
         if self.guardian is not None:
             self.guardian.release()
@@ -641,6 +650,33 @@ class Session:
             ))
             self.log.warning("protection placeholders left in the project", paths=left)
 
+    def _discard_scratch(self) -> None:
+        """Report what the command wrote under scratch covers, then delete it: the
+        agent's own state for this run only, never the project's."""
+        import shutil
+
+        from agentpen.workers.jail.protect import scratch_contents
+
+        if self.scratch_root is None:
+            return
+        entries, truncated = scratch_contents(self.covers)
+        if entries:
+            shown = [path for path, _ in entries[:100]]
+            rels = sorted({c.rel for c in self.covers if c.kind == "scratch"
+                           and any(e.startswith(c.path + "/") for e in shown)})
+            self.emit(make_event(
+                "protected-writes-discarded",
+                f"discarded {len(entries)}{'+' if truncated else ''} file(s) the command wrote "
+                f"under protected {', '.join(rels)}", level="warning", category=["file"],
+                type=["deletion"], outcome="success", reason="protected path: would run on the host",
+                agentpen={"paths": shown, "files": len(entries), "truncated": truncated,
+                          "bytes": sum(size for _, size in entries), "protected": rels},
+            ))
+            self.log.warning("discarded what the command wrote under protected paths "
+                             "(--unprotect PATH keeps such writes)", paths=shown[:10], files=len(entries))
+        shutil.rmtree(self.scratch_root, ignore_errors=True)
+        self.scratch_root = None
+
     def _restore_terminal(self) -> None:
         """The sandbox was the terminal's foreground group; give it back to ours."""
         with contextlib.suppress(OSError):
@@ -694,3 +730,4 @@ def _describe(code: int | None) -> str:
 
 def dumps(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"))
+

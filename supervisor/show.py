@@ -38,10 +38,11 @@ def _for_command(opts: Any, env: Mapping[str, str], cfg: Config, cwd: str | None
     from agentpen.workers.jail import seccomp
     from agentpen.workers.jail.launch import build_jail, jail_covers
     from agentpen.workers.jail.layout import detect_layout
+    from agentpen.workers.jail.protect import scratch_root_for
 
     policy = resolve_policy(opts, env, cwd=cwd, config=cfg, dry_run=True)
     layout = detect_layout()
-    covers = jail_covers(policy)
+    covers = jail_covers(policy, scratch_root_for(policy.project))
     plan = build_jail(policy, layout, covers)
     mounts = [{"path": d, "mode": "ro", "why": f"system ({layout.kind})"} for d in layout.ro_dirs]
     mounts.append({"path": "/etc", "mode": "ro", "why": "staged: readable host entries, own "

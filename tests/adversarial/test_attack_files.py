@@ -172,7 +172,9 @@ def test_persistence_files_are_unchanged_and_missing_ones_not_created(sandbox):
     assert lines["control_plain"] == "WROTE" and (project / "notes.txt").read_text() == "ok\n"
     assert lines["control_git_commit"] == "WROTE", r.stdout
     for name, verdict in lines.items():
-        if not name.startswith("control_"):
+        if name == "claude":  # a missing agent-config dir is a private scratch: written, discarded
+            assert verdict == "WROTE", (name, r.stdout)
+        elif not name.startswith("control_"):
             assert verdict == "REFUSED", (name, r.stdout)
     after = _tree(project, skip=("objects", "refs", "logs"))
     allowed_changes = {str(project / p) for p in ("README", "notes.txt", ".git/index", ".git/COMMIT_EDITMSG",
@@ -190,6 +192,36 @@ def test_persistence_files_are_unchanged_and_missing_ones_not_created(sandbox):
     subprocess.run(["git", "-C", str(project), "status", "--short"], check=True, timeout=30,
                    capture_output=True)
     assert not (sandbox.root / "pwned").exists() and not (project / "pwned").exists()
+
+
+def test_missing_agent_config_dir_is_a_scratch_that_reaches_nothing(sandbox):
+    """A missing .opencode/ or .claude/ takes the agent's writes (opencode dies without
+    them) but nothing lands in the project: it is reported, then deleted."""
+    script = ("mkdir -p .claude/commands && echo 'run: touch pwned' > .claude/commands/x.md && "
+              "echo '*' > .opencode/.gitignore && cat .opencode/.gitignore")
+    tmp = Path(os.environ.get("TMPDIR", "/tmp"))
+    before = set(tmp.glob("agentpen-scratch-*"))
+    r = sandbox.run("--", "sh", "-c", script)
+    assert r.returncode == 0 and "*" in r.stdout, r.stderr  # the writes worked inside
+    assert not (sandbox.project / ".claude").exists() and not (sandbox.project / ".opencode").exists()
+    ev = [e for e in r.audit() if e["event"]["action"] == "protected-writes-discarded"]
+    assert len(ev) == 1 and ev[0]["agentpen"]["files"] == 2, ev
+    assert sorted(ev[0]["agentpen"]["paths"]) == [str(sandbox.project / ".claude/commands/x.md"),
+                                                  str(sandbox.project / ".opencode/.gitignore")]
+    assert ev[0]["agentpen"]["protected"] == [".claude/", ".opencode/"]
+    assert set(tmp.glob("agentpen-scratch-*")) - before == set()  # deleted after the report
+
+
+def test_existing_agent_config_dir_stays_read_only(sandbox):
+    """Only a *missing* one is a scratch: an existing .claude/ (the repository's own, which
+    the next host session reads) is bound read-only, and the unprotect control writes."""
+    (sandbox.project / ".claude").mkdir()
+    script = "echo '{\"hooks\": {}}' > .claude/settings.json; echo rc=$?"
+    r = sandbox.run("--", "sh", "-c", script)
+    assert "rc=0" not in r.stdout and "Read-only" in r.stderr, (r.stdout, r.stderr)
+    assert list((sandbox.project / ".claude").iterdir()) == []
+    r = sandbox.run("--unprotect", ".claude/", "--", "sh", "-c", script)
+    assert "rc=0" in r.stdout and (sandbox.project / ".claude" / "settings.json").exists(), r.stderr
 
 
 def test_unprotect_control_the_same_write_lands(sandbox):

@@ -481,11 +481,15 @@ def test_kill_9_of_the_supervisor_while_pasta_starts_leaves_nothing(sandbox, up,
 # Hole B, fixed (guardian, 732a742 and before): a SIGKILLed supervisor left bwrap's protection
 # placeholders (.git/, .envrc, .vscode/, ...) in the project.
 def test_kill_9_of_the_supervisor_leaves_no_placeholders(sandbox, up):
+    tmp = Path(os.environ.get("TMPDIR", "/tmp"))
     s = Session(sandbox, up)
     s.wait_held()
+    scratch = set(tmp.glob(f"agentpen-scratch-{s.proc.pid}-*"))
+    assert len(scratch) == 1, scratch  # control: the session has one (.claude/ etc. are missing)
     os.kill(s.proc.pid, signal.SIGKILL)
     s.end()
     assert s.tree.left() == []
+    assert not any(p.exists() for p in scratch), "the guardian left the scratch directory"
     extra = _tree(sandbox.project) - s.project_before
     extra = {p for p in extra if not p.startswith(("ctl", "result.json", "loadclient.py"))}
     assert extra == set(), sorted(extra)

@@ -311,7 +311,6 @@ def test_tui_draws_resizes_quits_and_exit_status_propagates(agent: Agent, tmp_pa
     assert code not in (125, 126, 127), screen[-2000:]
 
 
-@pytest.mark.xfail(strict=True, reason="finding: opencode writes into the read-only .opencode/ cover")
 @pytest.mark.timeout(TUI_START + 120)
 def test_opencode_tui_under_the_default_protection(tmp_path: Path):
     agent = AGENTS["opencode"]

@@ -28,6 +28,8 @@ from agentpen.workers.jail.protect import (
     plan_protection,
     protected_list,
     remove_placeholders,
+    scratch_contents,
+    scratch_root_for,
 )
 from agentpen.workers.jail.registry import RegistryError, agent_for_command, load_registry
 from agentpen.workers.jail.resolve import CommandNotExecutable, CommandNotFound, resolve_command
@@ -220,6 +222,16 @@ def test_argv_covers_after_project() -> None:
         build_bwrap_argv(policy(), LAYOUT, JailFds(1, 2, 3, 4, 5), covers)
 
 
+def test_argv_scratch_cover_binds_its_source_writable() -> None:
+    c = Cover("/home/u/src/repo/.opencode", "scratch", ".opencode/", source="/tmp/s/.opencode")
+    a = build_bwrap_argv(policy(), LAYOUT, FDS, [c])
+    assert ("/tmp/s/.opencode", "/home/u/src/repo/.opencode") in pairs(a, "--bind")
+    assert a.index("/home/u/src/repo/.opencode") > a.index("/home/u/src/repo")
+    for bad in ("", "/home/u/src/repo/x"):  # no source, or one the project could reach
+        with pytest.raises(ValueError, match="source outside the project"):
+            build_bwrap_argv(policy(), LAYOUT, FDS, [Cover(c.path, "scratch", c.rel, source=bad)])
+
+
 def test_staged_resolver_files() -> None:
     assert resolv_conf() == "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n"
     with pytest.raises(ValueError):
@@ -287,6 +299,43 @@ def test_jail_covers_reads_policy_protect(tmp_path: Path) -> None:
     p = policy(project=str(tmp_path), protect=["extra.sh"], unprotect=[".envrc"])
     rels = {c.rel for c in jail_covers(p)}
     assert "extra.sh" in rels and ".envrc" not in rels
+
+
+def test_protect_plan_scratch_only_for_missing_agent_config(tmp_path: Path) -> None:
+    proj = str(tmp_path)
+    os.makedirs(f"{proj}/.claude")  # exists: the repository's own, read-only
+    root = "/tmp/agentpen-scratch-1"
+    covers = {c.rel: c for c in plan_protection(proj, protected_list(), root)}
+    assert covers[".claude/"].kind == "ro-bind"
+    assert covers[".opencode/"].kind == "scratch"
+    assert covers[".opencode/"].source == f"{root}/.opencode"
+    assert covers[".opencode/"].placeholder  # its mount point is removed after the run
+    assert covers[".vscode/"].kind == "dir" and covers[".envrc"].kind == "file"  # not agent state
+    # without a scratch root (--show of old, or a project that holds the temp dir): read-only
+    assert {c.kind for c in plan_protection(proj, [".opencode/"])} == {"dir"}
+    # a missing parent of a scratch entry stays a read-only placeholder
+    assert {c.kind for c in plan_protection(proj, [".opencode/plugins/"], root)} == {"dir"}
+
+
+def test_scratch_root_is_never_inside_the_project(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    assert scratch_root_for(str(tmp_path)) is None
+    other = scratch_root_for(str(tmp_path / "elsewhere"))
+    assert other is not None and os.path.dirname(other) == str(tmp_path)
+    assert scratch_root_for(str(tmp_path / "elsewhere")) != other  # fresh each time
+
+
+def test_scratch_contents_lists_files_and_links_not_following(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "a.md").write_text("abc")
+    (src / "link").symlink_to("/etc")
+    c = Cover("/p/.claude", "scratch", ".claude/", source=str(src))
+    got, truncated = scratch_contents([c, Cover("/p/.git", "pin", ".git/")])
+    assert dict(got) == {"/p/.claude/sub/a.md": 3, "/p/.claude/link": len("/etc")} and not truncated
+    assert scratch_contents([c], limit=1) == (got[:1], True)
 
 
 def test_remove_placeholders_keeps_content(tmp_path: Path) -> None:

@@ -189,6 +189,10 @@ def build_bwrap_argv(
             a += ["--ro-bind", src(c.path), c.path]
         elif c.kind == "dir":
             a += ["--perms", "0555", "--tmpfs", c.path, "--remount-ro", c.path]
+        elif c.kind == "scratch":  # writable, but outside the project: reported, discarded
+            if not c.source or _is_within(c.source, policy.project):
+                raise ValueError(f"scratch cover {c.path} needs a source outside the project")
+            a += ["--bind", c.source, c.path]
         else:
             try:
                 fd = next(empty)

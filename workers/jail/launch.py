@@ -65,10 +65,11 @@ class JailPlan:
     seccomp_rules: list[tuple[str, str, str]] = field(default_factory=list)
 
 
-def jail_covers(policy: SessionPolicy) -> list[Cover]:
+def jail_covers(policy: SessionPolicy, scratch_root: str | None = None) -> list[Cover]:
     """The persistence covers for this project (reads the project with lstat):
     the built-in list plus `policy.protect`, less `policy.unprotect`."""
-    return plan_protection(policy.project, protected_list(policy.protect, policy.unprotect))
+    return plan_protection(policy.project, protected_list(policy.protect, policy.unprotect),
+                           scratch_root)
 
 
 def _nominal_fds(covers: Sequence[Cover]) -> JailFds:

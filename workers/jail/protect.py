@@ -10,6 +10,11 @@ Mechanism (bwrap, after the project's rw bind):
   so it becomes a mount point: rename/unlink of a mount point fails with EBUSY,
   which stops `mv .git .git.old && mv .git.new .git` from swapping the covers away.
 
+A missing agent-config directory (`SCRATCH_WHEN_MISSING`) is covered instead by a private
+scratch directory the supervisor made outside the project: the agent writes its own state
+there (opencode's `.opencode/.gitignore`) and keeps running, nothing reaches the project,
+and the supervisor reports what was written, then deletes it (`scratch_contents`).
+
 bwrap creates a placeholder's mount point on the host (the project is a rw bind),
 so the parent of the jail removes those, still empty, after the run
 (`remove_placeholders`). Symlinks on a protected path are refused: a mount cannot
@@ -47,7 +52,14 @@ DEFAULT_PROTECTED: dict[str, str] = {
     ".pre-commit-config.yaml": "pre-commit hooks run on the next host commit",
 }
 
-CoverKind = Literal["ro-bind", "dir", "file", "pin"]
+# Agents write their own per-project state into these (opencode creates .opencode/.gitignore
+# at start and dies on EROFS). When missing, they get a writable scratch directory whose
+# content is reported and discarded at exit, rather than a read-only placeholder. Editor,
+# git and hook paths stay read-only: a write there failing loudly beats one lost quietly.
+SCRATCH_WHEN_MISSING: frozenset[str] = frozenset(
+    {".claude", ".codex", ".gemini", ".qwen", ".opencode", ".cursor"})
+
+CoverKind = Literal["ro-bind", "dir", "file", "pin", "scratch"]
 
 
 def placeholder_data(name: str) -> bytes:
@@ -68,11 +80,12 @@ class Cover:
     kind: CoverKind  # ro-bind: existing path; dir/file: placeholder; pin: rw self-bind
     rel: str  # the protected entry it enforces
     data: bytes = b""  # content of a file placeholder
-
+    source: str = ""  # scratch: the host directory bound writable at `path`
 
     @property
     def placeholder(self) -> bool:
-        return self.kind in ("dir", "file")
+        """bwrap creates its mount point in the project: removed after the run."""
+        return self.kind in ("dir", "file", "scratch")
 
 
 def protected_list(extra: Iterable[str] = (), lifted: Iterable[str] = ()) -> list[str]:
@@ -89,9 +102,11 @@ def _norm_rel(rel: str) -> str:
     return rel.rstrip("/")
 
 
-def plan_protection(project: str, rels: Iterable[str]) -> list[Cover]:
+def plan_protection(project: str, rels: Iterable[str], scratch_root: str | None = None) -> list[Cover]:
     """Read the project (lstat only) and decide how each protected path is covered.
-    Returns covers in mount order: pins (outermost first), then covers."""
+    Returns covers in mount order: pins (outermost first), then covers. With
+    `scratch_root`, a missing SCRATCH_WHEN_MISSING directory is a "scratch" cover whose
+    source is a (not yet created) directory under it; without, a read-only one."""
     if not os.path.isabs(project):
         raise ProtectError(f"project must be absolute: {project!r}")
     covers: dict[str, Cover] = {}
@@ -108,7 +123,10 @@ def plan_protection(project: str, rels: Iterable[str]) -> list[Cover]:
             try:
                 st = os.lstat(path)
             except FileNotFoundError:
-                if not last or want_dir:
+                if last and want_dir and scratch_root and _norm_rel(rel) in SCRATCH_WHEN_MISSING:
+                    source = os.path.join(scratch_root, _norm_rel(rel).replace("/", "%"))
+                    covers.setdefault(path, Cover(path, "scratch", rel, source=source))
+                elif not last or want_dir:
                     covers.setdefault(path, Cover(path, "dir", rel))
                 else:
                     covers.setdefault(path, Cover(path, "file", rel, placeholder_data(part)))
@@ -155,7 +173,7 @@ def remove_placeholders(covers: Iterable[Cover]) -> list[str]:
         except FileNotFoundError:
             continue
         try:
-            if c.kind == "dir" and stat.S_ISDIR(st.st_mode):
+            if c.kind in ("dir", "scratch") and stat.S_ISDIR(st.st_mode):
                 os.rmdir(c.path)  # fails (ENOTEMPTY) on content: kept, reported
             elif c.kind == "file" and stat.S_ISREG(st.st_mode) and st.st_size == 0:
                 os.unlink(c.path)  # bwrap's mount point: created empty, never written
@@ -166,3 +184,37 @@ def remove_placeholders(covers: Iterable[Cover]) -> list[str]:
         except OSError:
             left.append(c.path)
     return left
+
+
+def scratch_root_for(project: str) -> str | None:
+    """A fresh name for the scratch covers' directory in the user's temp dir (the
+    supervisor creates it only when a cover needs it). None when that would fall
+    inside the project: the covers are then read-only."""
+    import secrets
+    import tempfile
+
+    root = os.path.join(tempfile.gettempdir(), f"agentpen-scratch-{os.getpid()}-{secrets.token_hex(6)}")
+    real = os.path.realpath(project)
+    return None if root == real or root.startswith(real.rstrip("/") + "/") else root
+
+
+def scratch_contents(covers: Iterable[Cover], limit: int = 10_000) -> tuple[list[tuple[str, int]], bool]:
+    """After the jail has exited: what the command wrote into scratch covers, as
+    (project path, size) for every non-directory, without following links. Returns
+    (entries, truncated): a scratch tree holding more than `limit` entries is cut short."""
+    out: list[tuple[str, int]] = []
+    for c in covers:
+        if c.kind != "scratch" or not c.source:
+            continue
+        for root, dirs, files in os.walk(c.source):
+            dirs.sort()
+            for name in sorted(files) + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+                full = os.path.join(root, name)
+                try:
+                    size = os.lstat(full).st_size
+                except OSError:
+                    continue
+                out.append((os.path.join(c.path, os.path.relpath(full, c.source)), size))
+                if len(out) >= limit:
+                    return out, True
+    return out, False

@@ -514,7 +514,8 @@ def main(argv: list[str]) -> int:
         policy = SessionPolicy.from_json(config["policy"])
         from agentpen.workers.jail.protect import Cover
 
-        covers = [Cover(c["path"], c["kind"], c["rel"], c["data"].encode()) for c in config["covers"]]
+        covers = [Cover(c["path"], c["kind"], c["rel"], c["data"].encode(), c.get("source", ""))
+                  for c in config["covers"]]
         try:
             # Builds the seccomp program once while the verifier dumps: the jail's
             # imports and libseccomp's first load are paid before "verified", not
