@@ -106,8 +106,9 @@ def git_identity_env() -> dict[str, str]:
 # way a user can, each with a strict xfail below that turns red once agentpen is fixed:
 #  - the placeholder for a missing protected .aider.conf.yml is an empty file, which aider
 #    refuses ("doesn't appear to contain key: value pairs") and exits 2;
-#  - aider writes a git identity into .git/config when git has none (no ~/.gitconfig in the
-#    jail) and crashes on the read-only .git/config; git's own environment gives it one.
+#  - aider writes a git identity into .git/config when git has none and crashes on the
+#    read-only .git/config: fixed for users with a global identity (passed as GIT_CONFIG_*);
+#    the CI user has none, so the headless runs give it one through git's own environment.
 AIDER_WORKAROUND: list[str] = []  # the .aider.conf.yml stand-in now reads as {} (fixed)
 
 
@@ -128,14 +129,27 @@ def test_aider_starts_under_the_default_protection(tmp_path: Path):
     assert r.returncode == 0, agent_output(r.stderr)[-500:]
 
 
-@pytest.mark.xfail(strict=True, reason="finding: no git identity inside the jail; aider writes .git/config")
-def test_aider_runs_without_a_git_identity_workaround(tmp_path: Path):
+def test_aider_finds_the_host_git_identity(tmp_path: Path):
+    """Finding 2, fixed: the host's user.name/user.email (only those) reach git inside as
+    GIT_CONFIG_*, so aider does not write one into the read-only .git/config. Control: a
+    user with no identity at all still hits that write (docs/agents.md, finding 2)."""
     agent = AGENTS["aider"]
     locate(agent)
-    r = run([*AIDER_WORKAROUND, "aider", "--message", "hi", "--yes", "--no-check-update", "--exit"],
-            project=make_project(tmp_path), env=agentpen_env(tmp_path, agent),
-            audit=tmp_path / "audit.jsonl", timeout=120)
+    argv = ["aider", "--message", "hi", "--yes", "--no-check-update", "--exit"]
+    xdg = tmp_path / "xdg"
+    (xdg / "git").mkdir(parents=True)  # a global git config the way users have one
+    (xdg / "git" / "config").write_text("[user]\n\tname = Host User\n\temail = host@example.com\n")
+    r = run(argv, project=make_project(tmp_path / "a"),
+            env=agentpen_env(tmp_path, agent, XDG_CONFIG_HOME=str(xdg)),
+            audit=tmp_path / "a.jsonl", timeout=120)
     assert "Read-only file system" not in r.stderr, agent_output(r.stderr)[-500:]
+    assert r.returncode == 0, agent_output(r.stderr)[-500:]
+    ident = subprocess.run(["git", "config", "--global", "user.name"], capture_output=True, text=True,
+                           env=agentpen_env(tmp_path), timeout=30)
+    assert not ident.stdout, "the control needs a test user without a global git identity"
+    control = run(argv, project=make_project(tmp_path / "b"), env=agentpen_env(tmp_path, agent),
+                  audit=tmp_path / "b.jsonl", timeout=120)
+    assert "Read-only file system" in control.stderr, agent_output(control.stderr)[-500:]
 
 
 @pytest.mark.timeout(HEADLESS_BOUND + 180)
