@@ -140,7 +140,7 @@ def resolve_policy(opts: Options, env: Mapping[str, str], *, cwd: str | None = N
             raise UsageError(f"--upstream {item!r}: {exc}") from None
         if host.startswith("*."):
             raise UsageError(f"--upstream {item!r}: a pin names one host, not a wildcard")
-        if host not in allow and not opts.learn:
+        if host not in seen and not opts.learn:
             # Learn mode allows every name anyway: a pin for a name outside the
             # allowlist is how a private upstream is observed before it is admitted.
             raise UsageError(f"--upstream {item!r}: {host} is not allowed; add --allow {host}")

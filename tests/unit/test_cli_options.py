@@ -61,3 +61,42 @@ def test_publish_parsing():
     assert (p.host_port, p.sandbox_port) == (8080, 3000)
     with pytest.raises(UsageError):
         parse_publish("80:x")
+
+
+ARGV_CASES = [
+    ["--allow", "a.example", "--allow=b.example", "--env", "FOO", "claude", "--allow", "x"],
+    ["--profile", "paranoid", "--allow", "a", "--mount", "/x", "--mount-rw", "/y", "--", "-c"],
+    ["--log-level", "debug", "--allow", "a", "--audit-fd", "3", "--upstream", "h=1.2.3.4:443", "sh"],
+    ["--allow", "a", "--learn", "--allow", "b", "--check"],
+    ["--allow=", "x"],  # an empty value: argparse's verdict, kept
+    ["--env", "A", "--env", "B", "--", "sh", "--env", "C"],
+]
+
+
+@pytest.mark.parametrize("argv", ARGV_CASES)
+def test_repeatable_options_taken_out_before_argparse_parse_the_same(argv):
+    """split_repeated (argparse is quadratic in the number of options) must not change
+    what any command line means: same result as argparse alone."""
+
+    from agentpen.supervisor import options
+
+    fast = parse_args(argv)
+    plain = options.build_parser().parse_args(argv)
+    for dest in ("allow", "env", "mount", "mount_rw", "upstream", "profile", "log_level", "learn"):
+        if hasattr(plain, dest):
+            assert getattr(fast, dest) == getattr(plain, dest), dest
+    cmd = plain.command[1:] if plain.command[:1] == ["--"] else plain.command
+    assert fast.command == cmd
+
+
+@pytest.mark.parametrize("argv", [["--allow"], ["--allow", "--learn", "x"], ["--env"]])
+def test_repeatable_option_without_a_value_is_still_a_usage_error(argv):
+    with pytest.raises(UsageError):
+        parse_args(argv)
+
+
+def test_ten_thousand_allow_flags_parse_to_the_same_list_in_order():
+    names = [f"h{i}.example.com" for i in range(10_000)]
+    argv = [t for n in names for t in ("--allow", n)] + ["true"]
+    o = parse_args(argv)
+    assert o.allow == names and o.command == ["true"] and "allow" in o.explicit
