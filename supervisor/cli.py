@@ -92,7 +92,7 @@ def _main(argv: list[str]) -> int:
         return _run(opts, cfg, policy, limits, early)
     finally:
         if early is not None and not early.handed_over:
-            early.kill()  # the session never started: take pasta and its namespace down
+            early.abandon()  # the session never started: take pasta and its namespace down
 
 
 def _run(opts, cfg, policy, limits, early) -> int:

@@ -164,10 +164,10 @@ class Session:
             for c in self.covers:
                 if c.kind == "scratch":
                     os.mkdir(c.source, 0o700)
-        from agentpen.supervisor.guardian import Guardian
-
-        # Before the sandbox can create anything: cleans up if we are SIGKILLed.
-        self.guardian = Guardian(self.netns.pasta.pid, self.covers, self.scratch_root)
+        # Before the sandbox can create anything: the guardian (forked before pasta) also
+        # removes these if we are SIGKILLed.
+        self.guardian = self.netns.guardian
+        self.guardian.watch(self.covers, self.scratch_root)
         self.netns.channel.send(MsgType.CONFIG, {
             "policy": p.to_json(),
             "covers": [{"path": c.path, "kind": c.kind, "rel": c.rel, "data": c.data.decode(),

@@ -17,6 +17,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from agentpen.core.channel import Channel, channel_pair
 from agentpen.core.policy import SessionPolicy
@@ -101,11 +102,13 @@ class _PidfdPopen(subprocess.Popen):
 class NetnsWorker:
     pasta: subprocess.Popen[bytes]
     channel: Channel
+    guardian: Any = None  # supervisor/guardian.Guardian: forked before pasta, knows its pid
     pid: int | None = None  # the netns worker's pid, from HELLO checked against SCM_CREDENTIALS
     handed_over: bool = False  # started early by the CLI, now owned by a Session
 
     @classmethod
     def spawn(cls, policy: SessionPolicy, pasta_path: str = "pasta") -> NetnsWorker:
+        from agentpen.supervisor.guardian import Guardian
         from agentpen.workers.netns.pasta import detect_features, pasta_argv, spawn_pasta
 
         # The verifier's socket pair now, its fork right after pasta's: forking a 30 MB
@@ -126,15 +129,22 @@ class NetnsWorker:
         if verifier is not None:
             inner += ["--verifier-fd", str(verifier.fileno())]
             extra.append(verifier.fileno())
+        # Before pasta exists: a supervisor SIGKILLed at any point after this leaves the
+        # guardian to kill pasta's group (pasta's pre-exec child outlives its PDEATHSIG).
+        guardian = Guardian()
         try:
             proc = spawn_pasta(
                 pasta_argv(policy, inner, features),
                 pass_fds=[wk.fileno(), *stdio, *extra],
                 env=minimal_env(),
                 stdout=subprocess.DEVNULL,
+                announce=guardian.announce_self,
             )
             if pair:
                 _fork_verifier(pair[1])  # the worker waits for it: a dead verifier fails closed
+        except BaseException:
+            guardian.release()  # pasta never ran (or is reaped by Popen): nothing to guard
+            raise
         finally:
             wk.close()
             if pair:
@@ -147,12 +157,20 @@ class NetnsWorker:
             proc.__class__ = _PidfdPopen
         # Signals are blocked for the signalfd by now: the thread inherits the mask.
         PRELOAD.start("multiprocess")
-        return cls(proc, sup)
+        return cls(proc, sup, guardian)
 
     def kill(self) -> None:
         if self.pasta.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.pasta.pid, signal.SIGKILL)
+
+    def abandon(self) -> None:
+        """The session never started: pasta's group down and reaped, the guardian let go."""
+        self.kill()
+        with contextlib.suppress(Exception):
+            self.pasta.wait(5)
+        if self.guardian is not None:
+            self.guardian.release()
 
 
 def _verifier_pair() -> tuple[socket.socket, socket.socket] | None:

@@ -14,7 +14,7 @@ import os
 import re
 import signal
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -205,7 +205,7 @@ def detect_features(pasta_path: str = "pasta", *, timeout: float = 5.0) -> Pasta
     return features
 
 
-def _pasta_preexec(parent: int) -> None:
+def _pasta_preexec(parent: int, announce: Callable[[], None] | None = None) -> None:
     # Runs in the child between fork and exec: async-signal-safe work only.
     # pasta 2023 refuses to start with SIGPIPE ignored (Python ignores it).
     for sig in range(1, signal.NSIG):
@@ -219,6 +219,8 @@ def _pasta_preexec(parent: int) -> None:
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
     # A SIGKILLed supervisor must not leave pasta (and its namespace) behind.
     set_pdeathsig(signal.SIGKILL, expected_parent=parent)
+    if announce is not None:  # the guardian learns pasta's pid before pasta runs
+        announce()
 
 
 def spawn_pasta(
@@ -228,9 +230,11 @@ def spawn_pasta(
     env: Mapping[str, str] | None = None,
     stdin: int | None = subprocess.DEVNULL,
     stdout: int | None = None,
+    announce: Callable[[], None] | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start pasta: default signal dispositions, empty mask, PDEATHSIG=SIGKILL, its own
     process group (terminal signals are the supervisor's to forward), stderr on a pipe.
+    `announce` runs in the child just before exec (supervisor/guardian.py).
 
     The command pasta runs inherits that stderr pipe too: a worker that must keep the
     user's terminal gets a duplicate of it through ``pass_fds``.
@@ -248,7 +252,7 @@ def spawn_pasta(
             close_fds=True,
             restore_signals=True,
             process_group=0,
-            preexec_fn=lambda: _pasta_preexec(parent),  # the only hook between fork and exec
+            preexec_fn=lambda: _pasta_preexec(parent, announce),  # the only hook before exec
         )
     except OSError as exc:
         raise NetnsSetupError(
