@@ -45,6 +45,11 @@ class MsgType(enum.IntEnum):
     ACK = 7  # supervisor -> worker: an event was recorded (or refused)
 
 
+_BY_VALUE = {int(t): t for t in MsgType}  # a dict lookup, not an Enum call, per message
+_TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
+_ANC_SIZE = socket.CMSG_SPACE(_CREDS.size) + socket.CMSG_SPACE(MAX_FDS * 4)
+
+
 class ProtocolError(Exception):
     """The peer sent something this protocol does not allow."""
 
@@ -105,8 +110,7 @@ class Channel:
 
     def recv(self) -> Message | None:
         """Receive one message; None when the peer has closed its end."""
-        anc_size = socket.CMSG_SPACE(_CREDS.size) + socket.CMSG_SPACE(MAX_FDS * 4)
-        data, anc, flags, _ = self.sock.recvmsg(MAX_PACKET, anc_size)
+        data, anc, flags, _ = self.sock.recvmsg(MAX_PACKET, _ANC_SIZE)
         fds: list[int] = []
         pid = uid = None
         for level, kind, payload in anc:
@@ -119,7 +123,7 @@ class Channel:
         if not data and not fds:
             return None
         try:
-            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            if flags & _TRUNCATED:
                 raise ProtocolError("truncated packet or control data")
             msg = decode(data, fds)
         except Exception:
@@ -161,10 +165,9 @@ def decode(data: bytes, fds: list[int]) -> Message:
         raise ProtocolError("bad magic")
     if version != PROTOCOL_VERSION:
         raise ProtocolError(f"protocol version {version}, expected {PROTOCOL_VERSION}")
-    try:
-        kind = MsgType(mtype)
-    except ValueError:
-        raise ProtocolError(f"unknown message type {mtype}") from None
+    kind = _BY_VALUE.get(mtype)
+    if kind is None:
+        raise ProtocolError(f"unknown message type {mtype}")
     try:
         body = json.loads(data[HEADER.size :])
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:

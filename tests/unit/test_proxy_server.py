@@ -418,6 +418,59 @@ def test_upstream_unreachable_audited() -> None:
         assert f"127.0.0.1:{port}" in end["error"]["message"]
 
 
+def _blackhole() -> tuple[socket.socket, list[socket.socket]]:
+    """A loopback port whose SYNs are dropped: a listener with a full accept queue."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(0)
+    fillers = []
+    for _ in range(4):
+        f = socket.socket()
+        f.setblocking(False)
+        f.connect_ex(srv.getsockname())
+        fillers.append(f)
+    return srv, fillers
+
+
+def test_upstream_connect_timeout_audited() -> None:
+    srv, fillers = _blackhole()
+    port = srv.getsockname()[1]
+    probe = socket.socket()
+    probe.settimeout(0.3)
+    with pytest.raises(TimeoutError):  # control: a plain connect there hangs
+        probe.connect(("127.0.0.1", port))
+    probe.close()
+    with running_worker(make_policy(["api.example.com"], pinned(port)), connect_timeout=0.5) as w:
+        t0 = time.monotonic()
+        assert _blocked(w, python_ssl_hello("api.example.com")) == b""
+        assert 0.4 < time.monotonic() - t0 < 5
+        end = w.sup.wait_event("connection-closed")[0]
+        assert end["event"]["outcome"] == "failure"
+        assert end["error"]["message"] == f"127.0.0.1:{port}: connect timeout", end["error"]
+    for sock in [srv, *fillers]:
+        sock.close()
+
+
+def test_shutdown_during_connect_is_not_a_timeout() -> None:
+    """A shutdown aborts a connection while the proxy dials: its summary says so (the
+    task's own cancellation is not mistaken for the connect bound, nor eaten)."""
+    srv, fillers = _blackhole()
+    with running_worker(make_policy(["api.example.com"], pinned(srv.getsockname()[1])),
+                        connect_timeout=30) as w:
+        c = w.connect()
+        c.sendall(python_ssl_hello("api.example.com"))
+        w.sup.wait_event("connection-allowed")
+        t0 = time.monotonic()
+        w.sup.chan.send(MsgType.CONTROL, {"op": "shutdown"})
+        end = w.sup.wait_event("connection-closed")[0]
+        assert time.monotonic() - t0 < 5
+        assert end["agentpen"]["close_reason"] == "worker shutdown", end
+        assert "connect timeout" not in str(end), end
+        c.close()
+    for sock in [srv, *fillers]:
+        sock.close()
+
+
 def test_connection_cap_audited() -> None:
     with running_worker(make_policy(["api.example.com"]), max_connections=2) as w:
         held = [w.connect(), w.connect()]

@@ -104,6 +104,11 @@ class Allowlist:
             name = canonical_host(host)
         except ValueError:
             return None
+        return self.match_canonical(name)
+
+    def match_canonical(self, name: str) -> str | None:
+        """`match` for a name already through canonical_host (the ClientHello parser's
+        server_name is): the proxy's per-connection path skips validating it twice."""
         if name in self._exact:
             return name
         dot = name.find(".")

@@ -237,12 +237,14 @@ class _Reader:
     def left(self) -> int:
         return len(self._buf) - self._pos
 
+    # Hot path (every connection): bounds checks inline, no helper calls.
     def take(self, n: int, what: str) -> bytes:
-        if n > self.left():
-            raise ClientHelloError(f"truncated {what}: need {n} bytes, have {self.left()}")
-        out = self._buf[self._pos : self._pos + n]
-        self._pos += n
-        return out
+        pos = self._pos
+        end = pos + n
+        if end > len(self._buf):
+            raise ClientHelloError(f"truncated {what}: need {n} bytes, have {len(self._buf) - pos}")
+        self._pos = end
+        return self._buf[pos:end]
 
     def u8(self, what: str) -> int:
         return self.take(1, what)[0]
@@ -251,5 +253,10 @@ class _Reader:
         return int.from_bytes(self.take(2, what), "big")
 
     def vec(self, width: int, what: str) -> bytes:
-        n = int.from_bytes(self.take(width, f"{what} length"), "big")
+        pos = self._pos
+        if pos + width > len(self._buf):
+            raise ClientHelloError(f"truncated {what} length: need {width} bytes, "
+                                   f"have {len(self._buf) - pos}")
+        n = int.from_bytes(self._buf[pos : pos + width], "big")
+        self._pos = pos + width
         return self.take(n, what)

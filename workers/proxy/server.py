@@ -127,6 +127,7 @@ class Proxy:
         self.limits = limits
         self.learn = policy.learn
         self.pins = {canonical_host(u.host): u for u in policy.upstreams}
+        self.pin_targets = _pin_targets(self.pins)  # parsed once, not per connection
         self._resolver = resolver
         self.debug_ops = debug_ops
         self.seccomp_denied = seccomp_denied or []
@@ -302,6 +303,25 @@ class Proxy:
         return await self.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
 
 
+def _expire(task: asyncio.Task[None], expired: list[bool]) -> None:
+    expired.append(True)
+    task.cancel()
+
+
+def _settle(fut: asyncio.Future[bool], value: bool) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _pin_targets(pins: dict[str, Any]) -> dict[str, tuple[str, int]]:
+    """host -> (normalised IP literal, port) for each pin whose address is an IP."""
+    out = {}
+    for host, u in pins.items():
+        with contextlib.suppress(ValueError):
+            out[host] = (str(ipaddress.ip_address(u.addr)), int(u.port))
+    return out
+
+
 def _probe_exec() -> dict[str, Any]:
     try:
         os.execv("/bin/true", ["true"])  # noqa: S606 - the probe: this must fail
@@ -342,6 +362,41 @@ class _Upstream(asyncio.Protocol):
 
 class Connection(asyncio.Protocol):
     """One sandbox client: hello -> decision -> dial -> splice -> summary."""
+
+    # One per connection, touched on every callback: slots make it smaller and faster.
+    __slots__ = (
+        "__weakref__",
+        "_task",
+        "_timers",
+        "cid",
+        "client_eof",
+        "client_gone",
+        "close_reason",
+        "closing",
+        "deadline",
+        "down_bytes",
+        "error",
+        "hello",
+        "last",
+        "loop",
+        "parser",
+        "peeked",
+        "peeked_len",
+        "pinned",
+        "proxy",
+        "rule",
+        "sink",
+        "source",
+        "started",
+        "t0",
+        "transport",
+        "up",
+        "up_bytes",
+        "up_gone",
+        "up_ip",
+        "up_port",
+        "upstream_eof",
+    )
 
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
@@ -512,7 +567,7 @@ class Connection(asyncio.Protocol):
         if name is None:
             self.deny("no SNI in ClientHello", "no-sni")
             return
-        self.rule = p.allowlist.match(name)
+        self.rule = p.allowlist.match_canonical(name)  # the parser's server_name is canonical
         would_block = self.rule is None
         if would_block and not p.learn:
             self.deny(f"{name} is not in the allowlist", "not-allowed")
@@ -532,11 +587,13 @@ class Connection(asyncio.Protocol):
         # Queued means the supervisor may record it even if we never read its ACK (a
         # shutdown aborts us first): from here on the connection owes its summary.
         self.started = not ack.done()
+        # A timer that settles the future, not asyncio.timeout: no cancellation
+        # machinery on the per-connection path (same bound, same verdict).
+        expire = self.loop.call_later(p.limits.ack_timeout, _settle, ack, False)
         try:
-            async with asyncio.timeout(p.limits.ack_timeout):  # no extra task, unlike wait_for
-                ok = await ack
-        except TimeoutError:
-            ok = False
+            ok = await ack
+        finally:
+            expire.cancel()
         if not ok or self.client_gone:  # not recorded: nothing may pass
             self.close_reason = "decision not recorded by the supervisor"
             self._finish_quietly()
@@ -554,11 +611,11 @@ class Connection(asyncio.Protocol):
     async def _dial(self, name: str, pin: Any) -> None:
         p = self.proxy
         if pin is not None:
-            try:
-                targets = [(str(ipaddress.ip_address(pin.addr)), int(pin.port))]
-            except ValueError:
+            target = p.pin_targets.get(name)
+            if target is None:
                 self.error = f"pinned upstream {pin.addr!r} is not an IP address"
                 return
+            targets = [target]
         else:
             port = p.limits.upstream_port
             try:
@@ -579,14 +636,27 @@ class Connection(asyncio.Protocol):
                 return
             fam = socket.AF_INET6 if ":" in ip else socket.AF_INET
             up = _Upstream(self)
+            task = self._task
+            assert task is not None
+            expired: list[bool] = []
+            # The bound as a plain timer that cancels this task, not asyncio.timeout
+            # (which costs two getpid() syscalls and a context object per connection).
+            timer = self.loop.call_later(p.limits.connect_timeout, _expire, task, expired)
             try:
                 # `ip` is a validated literal: uvloop's numeric fast path, no lookup.
-                async with asyncio.timeout(p.limits.connect_timeout):
-                    await self.loop.create_connection(lambda up=up: up, host=ip, port=port,
-                                                      family=fam)
-            except (TimeoutError, OSError) as exc:
-                errors.append(f"{ip}:{port}: {exc or 'connect timeout'}")
+                await self.loop.create_connection(lambda up=up: up, host=ip, port=port, family=fam)
+            except asyncio.CancelledError:
+                if up.transport is not None:  # connected in the same instant: not used
+                    up.transport.abort()
+                if not expired or task.uncancel() > 0:
+                    raise  # cancelled for another reason (the client left): not ours to eat
+                errors.append(f"{ip}:{port}: connect timeout")
                 continue
+            except OSError as exc:
+                errors.append(f"{ip}:{port}: {exc}")
+                continue
+            finally:
+                timer.cancel()
             self.up_ip = ip
             self.up_port = port
             self._splice(up)
