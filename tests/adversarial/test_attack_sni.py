@@ -102,7 +102,8 @@ def test_sni_tricks_allowed_only_when_the_normalised_name_is_exactly_allowed(pro
                 "hello_hex": hello([b"evil.example.net"]).hex()}]
     # Barrier: an allowed connection is dialled only after the supervisor ACKed its event,
     # and the proxy's channel is in order, so once it is answered every verdict above has
-    # reached the supervisor (events still in flight at exit are lost: see the xfail below).
+    # reached the supervisor (events still in flight at exit are judged and recorded too:
+    # test_hellos_sent_just_before_exit_still_get_their_verdict).
     checks.append({"name": "barrier", "op": "tls_hello", "host": "127.0.0.1", "port": 443,
                    "hello_hex": hello([A]).hex()})
     res, run = prober.inside(checks, "--allow", ALLOWED, "--upstream",
