@@ -81,7 +81,7 @@ def confine() -> list[str]:
     """no_new_privs + seccomp denylist for this process and the threads it starts later.
     Returns the refused syscall names (for the worker's start-up event)."""
     try:
-        import pyseccomp as seccomp
+        seccomp = osutil.import_pyseccomp()
     except ImportError as exc:  # fail closed: never serve unconfined
         raise ConfinementError(
             f"pyseccomp unavailable ({exc}); install agentpen's dependencies") from None

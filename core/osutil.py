@@ -8,6 +8,40 @@ import ctypes.util
 import os
 import signal
 import struct
+from typing import Any
+
+# Sonames fixed by their ABI: ctypes.util.find_library() would fork `/sbin/ldconfig -p`
+# (5-10 ms, and a copy-on-write fork of the whole process) to find the same names.
+KNOWN_SONAMES = {"c": "libc.so.6", "seccomp": "libseccomp.so.2"}
+
+
+def import_pyseccomp() -> Any:
+    """Import pyseccomp without its two find_library() calls at import time (each one
+    runs ldconfig: ~20 ms on every worker's start-up path). The known sonames are
+    tried first; anything else, or a soname that does not load, goes to the real
+    find_library as before."""
+    import sys
+
+    if "pyseccomp" in sys.modules:
+        return sys.modules["pyseccomp"]
+    real = ctypes.util.find_library
+
+    def find_library(name: str) -> str | None:
+        soname = KNOWN_SONAMES.get(name)
+        if soname is not None:
+            try:
+                ctypes.CDLL(soname)
+                return soname
+            except OSError:
+                pass
+        return real(name)
+
+    ctypes.util.find_library = find_library
+    try:
+        import pyseccomp
+    finally:
+        ctypes.util.find_library = real
+    return pyseccomp
 
 
 def load_libc() -> ctypes.CDLL:

@@ -326,8 +326,9 @@ def check_nft(*, probe: bool) -> Layer:
 
 def check_seccomp() -> Layer:
     try:
-        import pyseccomp
+        from agentpen.core.osutil import import_pyseccomp
 
+        pyseccomp = import_pyseccomp()
         f = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
         f.add_rule(pyseccomp.ERRNO(1), "ptrace")
         return Layer("seccomp", True, "libseccomp usable through pyseccomp")

@@ -159,7 +159,9 @@ def build_seccomp_program(arch: str | None = None) -> bytes:
     """Classic BPF for bwrap --seccomp. Raises RuntimeError when the architecture is
     not supported or a syscall of the table is unknown to libseccomp (fail closed:
     a table that does not fully compile is not loaded partially)."""
-    import pyseccomp as sc  # imported here: only the jail worker needs libseccomp
+    from agentpen.core.osutil import import_pyseccomp
+
+    sc = import_pyseccomp()  # here: only the jail worker needs libseccomp
 
     arch = arch or native_arch()
     if arch not in _ARCHES:
