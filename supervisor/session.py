@@ -77,6 +77,7 @@ class Session:
         self.pending_signal: int | None = None
         self.covers: list[Any] = []
         self.scratch_root: str | None = None  # private dirs behind scratch covers
+        self.sandbox_gone = False  # the jail was reaped: no new connection can start
         self.go_ns: int | None = None
         self.guardian: Any = None
         # Learn mode: names contacted that the allowlist would have blocked (from the
@@ -377,6 +378,7 @@ class Session:
                 self.outcome.exit_code = int(body.get("exit_code", EXIT_AGENTPEN))
             elif int(body.get("exit_code", 0)) != 0 and self.outcome.exit_code == 0:
                 self.outcome.exit_code = int(body["exit_code"])
+            self.sandbox_gone = True  # bwrap reaped: every process of its pid namespace is dead
             self.done = True
         elif state == "failed":
             self.outcome.error = f"sandbox setup failed: {body.get('error')}"
@@ -526,9 +528,12 @@ class Session:
     # -- end -------------------------------------------------------------------------------
 
     def _teardown(self) -> None:
-        # Pasta first: once the sandbox is gone no new connection can start, and every
-        # hello still unjudged is already in the proxy's sockets. Then the proxy is told
-        # to stop; it judges those, and the drain below records them and ACKs decisions.
+        # The proxy stops once the sandbox is gone: then no new connection can start, and
+        # every hello still unjudged is already in its sockets; it judges those, and the
+        # drain below records them and ACKs decisions. Gone means the jail was reaped (its
+        # pid namespace is empty: the proxy stops in parallel with pasta's exit), or else
+        # pasta has exited (below).
+        proxy_told = self.sandbox_gone and self._tell_proxy_to_stop()
         if self.netns:
             try:
                 self.netns.pasta.wait(TEARDOWN_TIMEOUT if self.outcome.error is None else 0.5)
@@ -542,8 +547,8 @@ class Session:
         if self.proxy:
             cur = self.proxy.current
             if cur is not None:  # its last decisions and connection summaries
-                with contextlib.suppress(OSError):
-                    cur.channel.send(MsgType.CONTROL, {"op": "shutdown"})
+                if not proxy_told:
+                    self._tell_proxy_to_stop()
                 self._drain(cur.channel, lambda: self._on_proxy_readable(cur), 3.0)
             self.proxy.stop()
             self.proxy.fail_closed()  # closes our copies of the listening sockets
@@ -556,6 +561,12 @@ class Session:
         if self.guardian is not None:
             self.guardian.release()
         self._restore_terminal()
+
+    def _tell_proxy_to_stop(self) -> bool:
+        if self.proxy and self.proxy.current:
+            with contextlib.suppress(OSError):
+                self.proxy.current.channel.send(MsgType.CONTROL, {"op": "shutdown"})
+        return True
 
     def _drain(self, ch: Channel, handle, timeout: float) -> None:
         """Read a worker's channel until EOF (bounded): nothing it said is lost at exit."""

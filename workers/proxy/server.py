@@ -171,6 +171,8 @@ class Proxy:
                 self.loop.remove_reader(self.channel.fileno())
 
     async def _stop(self, *, audit: bool) -> None:
+        if audit:
+            await self._accept_backlog()
         for srv in self._servers:
             srv.close()
         if audit:
@@ -190,6 +192,24 @@ class Proxy:
                 await asyncio.sleep(0.01)
         if self._done and not self._done.done():
             self._done.set_result(None)
+
+    async def _accept_backlog(self) -> None:
+        """Connections the sandbox made that still wait in the listen backlog are accepted
+        now, so that each one is judged and recorded like any other (closing our copy of
+        the listener would leave them to the supervisor's, unanswered). Bounded."""
+        for sock in self.listeners:
+            with contextlib.suppress(OSError):
+                sock.setblocking(False)
+            for _ in range(self.limits.max_connections):
+                try:
+                    conn, _addr = sock.accept()
+                except OSError:  # BlockingIOError: the backlog is empty
+                    break
+                conn.setblocking(False)
+                try:
+                    await self.loop.connect_accepted_socket(lambda: Connection(self), conn)
+                except OSError:
+                    conn.close()
 
     # -- channel ----------------------------------------------------------------------
 
