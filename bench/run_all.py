@@ -391,6 +391,17 @@ def write_outputs(r: dict) -> None:
     doc.write_text(text)
 
 
+def compile_bytecode() -> None:
+    """Write the package's .pyc files first. An install has them; a checkout the measuring
+    user cannot write to would otherwise recompile ~40 modules on every start (measured:
+    ~50 ms of a ~350 ms start-up, i.e. 5.1x the floor instead of 4.3x)."""
+    dirs = [str(REPO / d) for d in ("core", "supervisor", "workers")]
+    r = subprocess.run([sys.executable, "-m", "compileall", "-q", *dirs], capture_output=True, text=True)
+    if r.returncode != 0:
+        print(f"warning: could not write bytecode, start-up figures include compiling: {r.stdout[-300:]}",
+              file=sys.stderr)
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -408,6 +419,7 @@ def main(argv: list[str]) -> int:
     if os.geteuid() == 0:
         if not args.user:
             sys.exit("as root, give --user NAME: pasta refuses to run as root")
+        compile_bytecode()
         out = Path(tempfile.mkdtemp(prefix="bench-run-")) / "result.json"
         os.chown(out.parent, *_ids(args.user))
         inner = [sys.executable, str(Path(__file__).resolve()), "--out", str(out)]
@@ -417,6 +429,8 @@ def main(argv: list[str]) -> int:
         subprocess.run(["su", args.user, "-c", "cd /tmp && " + shlex.join(inner)], check=True)
         write_outputs(json.loads(out.read_text()))
         return 0
+    if not args.out:  # run directly as the measuring user
+        compile_bytecode()
     r = measure(args)
     if args.out:
         Path(args.out).write_text(json.dumps(r))
