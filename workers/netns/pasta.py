@@ -172,33 +172,48 @@ def detect_features(pasta_path: str = "pasta", *, timeout: float = 5.0) -> Pasta
     cached = _feature_cache.get(key)
     if cached is not None:
         return cached
-    texts = []
+    # Both probes at once: each is a fork+exec of pasta on the start-up path.
+    procs: list[tuple[str, subprocess.Popen[str] | None, BaseException | None]] = []
     for flag in ("--help", "--version"):
         try:
-            out = subprocess.run(
-                [resolved, flag], capture_output=True, text=True, timeout=timeout,
-                stdin=subprocess.DEVNULL, check=False, restore_signals=True,
-            )
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+            procs.append((flag, subprocess.Popen(
+                [resolved, flag], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                stdin=subprocess.DEVNULL, restore_signals=True), None))
+        except OSError as exc:
+            procs.append((flag, None, exc))
+    texts = []
+    try:
+        for flag, proc, failed in procs:
+            try:
+                if failed is not None:
+                    raise failed
+                assert proc is not None
+                stdout, stderr = proc.communicate(timeout=timeout)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+                    raise NetnsSetupError(
+                        f"could not run {resolved} {flag}: out of file descriptors",
+                        "raise the open-file limit (ulimit -n 1024 or more)",
+                    ) from exc
                 raise NetnsSetupError(
-                    f"could not run {resolved} {flag}: out of file descriptors",
-                    "raise the open-file limit (ulimit -n 1024 or more)",
+                    f"could not run {resolved} {flag}: {exc}",
+                    "check that pasta runs for this user (pasta --help)",
                 ) from exc
-            raise NetnsSetupError(
-                f"could not run {resolved} {flag}: {exc}",
-                "check that pasta runs for this user (pasta --help)",
-            ) from exc
-        if out.returncode < 0:  # killed: say so, rather than blame missing options
-            raise NetnsSetupError(
-                f"{resolved} {flag} was killed by signal {signal.Signals(-out.returncode).name}",
-                "run agentpen again; if it recurs, check what kills pasta (pasta --help)",
-            )
-        # 2023 pasta prints its help on stderr, interleaved with syslog noise.
-        texts.append("\n".join(
-            line for line in (out.stdout + "\n" + out.stderr).splitlines()
-            if not SYSLOG_NOISE.match(line)
-        ))
+            if proc.returncode < 0:  # killed: say so, rather than blame missing options
+                raise NetnsSetupError(
+                    f"{resolved} {flag} was killed by signal {signal.Signals(-proc.returncode).name}",
+                    "run agentpen again; if it recurs, check what kills pasta (pasta --help)",
+                )
+            # 2023 pasta prints its help on stderr, interleaved with syslog noise.
+            texts.append("\n".join(
+                line for line in (stdout + "\n" + stderr).splitlines()
+                if not SYSLOG_NOISE.match(line)
+            ))
+    finally:
+        for _flag, proc, _failed in procs:  # never leave a probe running
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
     features = parse_help(resolved, texts[0], texts[1])
     check_features(features)
     _feature_cache[key] = features
