@@ -558,8 +558,9 @@ class Session:
         self._remove_placeholders()
         self._discard_scratch()
         self._quarantine_git_redirections()
-        if self.guardian is not None:
-            self.guardian.release()
+        guardian = self.guardian or (self.netns.guardian if self.netns else None)
+        if guardian is not None:  # everything is cleaned up: it must not act on a reused pgid
+            guardian.release()
         self._restore_terminal()
 
     def _tell_proxy_to_stop(self) -> bool:
