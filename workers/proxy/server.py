@@ -17,9 +17,11 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import errno
 import ipaddress
 import itertools
 import os
+import select
 import signal
 import socket
 import time
@@ -137,11 +139,16 @@ class Proxy:
         self.dropped_events = 0
         self._ids = itertools.count(1)
         self._acks = itertools.count(1)
-        self._pending: dict[int, asyncio.Future[bool]] = {}
+        self._pending: dict[int, Connection] = {}  # ack_id -> connection waiting for it
         self._outbox: collections.deque[tuple[bytes, list[int], int | None]] = collections.deque()
         self._writing = False
-        self._servers: list[asyncio.AbstractServer] = []
+        self._accepting: list[socket.socket] = []
         self._done: asyncio.Future[None] | None = None
+        # Every connection socket, edge-triggered; uvloop watches this one descriptor.
+        self.ep = select.epoll()
+        self.fdmap: dict[int, Callable[[int], None]] = {}
+        self.buf = bytearray(CHUNK)  # the splice's one read buffer, shared
+        self.view = memoryview(self.buf)
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -150,11 +157,19 @@ class Proxy:
         self._done = self.loop.create_future()
         self.channel.sock.setblocking(False)
         self.loop.add_reader(self.channel.fileno(), self._on_channel)
+        self.loop.add_reader(self.ep.fileno(), self._on_epoll)
         self.send(MsgType.HELLO, {"role": "proxy", "pid": os.getpid(),
                                   "version": PROTOCOL_VERSION, "incarnation": self.incarnation})
         for sock in self.listeners:
-            self._servers.append(await self.loop.create_server(
-                lambda: Connection(self), sock=sock, backlog=self.limits.listen_backlog))
+            sock.setblocking(False)
+            # Linux copies TCP_NODELAY to each accepted socket: one setsockopt, not one per
+            # connection.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # listen() again: the backlog the kernel clamps to somaxconn of its namespace.
+            sock.listen(self.limits.listen_backlog)
+            self.loop.add_reader(sock.fileno(), self._on_accept, sock)
+            self._accepting.append(sock)
         self.send(MsgType.STATUS, {
             "state": "ready", "role": "proxy", "incarnation": self.incarnation,
             "listeners": len(self.listeners), "allowlist_digest": self.allowlist.digest(),
@@ -165,16 +180,59 @@ class Proxy:
         try:
             await self._done
         finally:
-            for srv in self._servers:
-                srv.close()  # our copies only: the supervisor's keep the backlog alive
+            self._close_listeners()
             with contextlib.suppress(Exception):
                 self.loop.remove_reader(self.channel.fileno())
+            with contextlib.suppress(Exception):
+                self.loop.remove_reader(self.ep.fileno())
+
+    def _close_listeners(self) -> None:
+        """Our copies only: the supervisor's keep the backlog alive for the next worker."""
+        for sock in self._accepting:
+            with contextlib.suppress(Exception):
+                self.loop.remove_reader(sock.fileno())
+            sock.close()
+        self._accepting.clear()
+
+    def _on_accept(self, sock: socket.socket) -> None:
+        try:
+            conn, addr = sock.accept()  # non-blocking listener: accept4 only, no other call
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                # Out of descriptors or memory: the cap should prevent it; do not spin on
+                # a level-triggered listener meanwhile.
+                self.loop.remove_reader(sock.fileno())
+                self.loop.call_later(0.1, self._resume_accept, sock)
+            return
+        Connection(self, conn, addr)
+
+    def _resume_accept(self, sock: socket.socket) -> None:
+        if sock in self._accepting:
+            self.loop.add_reader(sock.fileno(), self._on_accept, sock)
+
+    def _on_epoll(self) -> None:
+        try:
+            events = self.ep.poll(0, 256)
+        except InterruptedError:
+            return
+        fdmap = self.fdmap
+        for fd, ev in events:
+            handler = fdmap.get(fd)
+            if handler is None:  # closed earlier in this batch
+                continue
+            try:
+                handler(ev)
+            except Exception as exc:  # a bug must not strand the rest of the batch
+                conn = getattr(handler, "__self__", None)
+                if isinstance(conn, Connection):
+                    conn.abort(f"internal error: {type(exc).__name__}: {exc}")
 
     async def _stop(self, *, audit: bool) -> None:
         if audit:
-            await self._accept_backlog()
-        for srv in self._servers:
-            srv.close()
+            self._accept_backlog()
+        self._close_listeners()
         if audit:
             # The supervisor asks once the sandbox is gone, so a hello still unjudged is
             # already in its socket buffer (or its EOF is): let each connection reach its
@@ -193,7 +251,7 @@ class Proxy:
         if self._done and not self._done.done():
             self._done.set_result(None)
 
-    async def _accept_backlog(self) -> None:
+    def _accept_backlog(self) -> None:
         """Connections the sandbox made that still wait in the listen backlog are accepted
         now, so that each one is judged and recorded like any other (closing our copy of
         the listener would leave them to the supervisor's, unanswered). Bounded."""
@@ -202,14 +260,10 @@ class Proxy:
                 sock.setblocking(False)
             for _ in range(self.limits.max_connections):
                 try:
-                    conn, _addr = sock.accept()
+                    conn, addr = sock.accept()
                 except OSError:  # BlockingIOError: the backlog is empty
                     break
-                conn.setblocking(False)
-                try:
-                    await self.loop.connect_accepted_socket(lambda: Connection(self), conn)
-                except OSError:
-                    conn.close()
+                Connection(self, conn, addr)
 
     # -- channel ----------------------------------------------------------------------
 
@@ -255,17 +309,17 @@ class Proxy:
         if not self.send(MsgType.EVENT, body):
             self.dropped_events += 1
 
-    def decision(self, body: dict[str, Any]) -> asyncio.Future[bool]:
-        """Send an event that must be recorded before we act on it; resolves to the ACK."""
-        fut: asyncio.Future[bool] = self.loop.create_future()
+    def decision(self, body: dict[str, Any], conn: Connection) -> bool:
+        """Send an event that must be recorded before `conn` acts on it; its ACK calls
+        conn.on_ack(). False when it could not be queued (channel congested: cannot audit,
+        so do not pass)."""
         ack_id = next(self._acks)
         body["ack_id"] = ack_id
         if not self.send(MsgType.EVENT, body):
-            fut.set_result(False)  # channel congested: cannot audit, so do not pass
-            return fut
-        self._pending[ack_id] = fut
-        fut.add_done_callback(lambda _f: self._pending.pop(ack_id, None))
-        return fut
+            return False
+        self._pending[ack_id] = conn
+        conn.ack_id = ack_id
+        return True
 
     def _on_channel(self) -> None:
         while True:
@@ -284,9 +338,9 @@ class Proxy:
 
     def _on_message(self, msg: Message) -> None:
         if msg.type == MsgType.ACK:
-            fut = self._pending.get(msg.body.get("ack_id", -1))
-            if fut is not None and not fut.done():
-                fut.set_result(msg.body.get("ok") is True)
+            conn = self._pending.pop(msg.body.get("ack_id", -1), None)
+            if conn is not None:
+                conn.on_ack(msg.body.get("ok") is True)
         elif msg.type == MsgType.CONTROL:
             op = msg.body.get("op")
             if op == "deny-new":
@@ -323,16 +377,6 @@ class Proxy:
         return await self.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
 
 
-def _expire(task: asyncio.Task[None], expired: list[bool]) -> None:
-    expired.append(True)
-    task.cancel()
-
-
-def _settle(fut: asyncio.Future[bool], value: bool) -> None:
-    if not fut.done():
-        fut.set_result(value)
-
-
 def _pin_targets(pins: dict[str, Any]) -> dict[str, tuple[str, int]]:
     """host -> (normalised IP literal, port) for each pin whose address is an IP."""
     out = {}
@@ -350,191 +394,261 @@ def _probe_exec() -> dict[str, Any]:
     return {}  # unreachable: exec replaced the process
 
 
-class _Upstream(asyncio.Protocol):
-    __slots__ = ("conn", "transport")
+# -- one connection -------------------------------------------------------------------------------
+#
+# Both sockets of a connection are plain non-blocking sockets in the worker's own
+# edge-triggered epoll set (Proxy.ep), which uvloop watches as one descriptor. No uvloop
+# transport, no coroutine and one timer per connection: each transport cost a
+# setsockopt, a getsockname, a getpeername and several epoll_ctl calls, and the
+# coroutines and futures most of the Python left on the per-connection path.
 
-    def __init__(self, conn: Connection) -> None:
-        self.conn = conn
-        self.transport: asyncio.Transport | None = None
+# Connection phases.
+HELLO, DECIDING, RESOLVING, DIALLING, SPLICE, CLOSED = range(6)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        conn = self.conn
-        conn.down_bytes += len(data)
-        conn.last = conn.loop.time()
-        conn.transport.write(data)
-
-    def eof_received(self) -> bool:
-        return self.conn.half_close(from_client=False)
-
-    def pause_writing(self) -> None:  # upstream's send buffer is full: stop reading the client
-        self.conn.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        if not self.conn.closing:
-            self.conn.transport.resume_reading()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.conn.upstream_lost(exc)
+_IN = select.EPOLLIN
+_OUT = select.EPOLLOUT
+_RDHUP = select.EPOLLRDHUP
+_HUP = select.EPOLLHUP
+_ERR = select.EPOLLERR
+_READABLE = _IN | _RDHUP | _HUP | _ERR  # something to read: data, EOF or an error
+_ENDED = _RDHUP | _HUP | _ERR  # ... and reading until EOF/error is due even after a short read
+_ET = select.EPOLLET
+CLIENT_EVENTS = _IN | _RDHUP | _ET  # EPOLLOUT added only once a write to the client waited
+UPSTREAM_EVENTS = _IN | _OUT | _RDHUP | _ET  # EPOLLOUT also tells a connect() is done
+_DONTWAIT = socket.MSG_DONTWAIT  # accepted sockets stay in blocking mode: no fcntl per accept
+HELLO_READ = 64 * 1024 + 5  # a ClientHello is at most 64 KiB (the parser's bound) + a header
+CHUNK = 256 * 1024  # one read; also the most a direction holds in userspace (backpressure)
 
 
-class Connection(asyncio.Protocol):
+class _Side:
+    """One socket of a connection, as the splice sees it (edge-triggered: the flags
+    remember what epoll said until a read or write shows otherwise)."""
+
+    __slots__ = ("eof", "fd", "hup", "nbytes", "pend", "rd", "shut", "sock", "watch_out", "wr")
+
+    def __init__(self) -> None:
+        self.sock: socket.socket | None = None
+        self.fd = -1
+        self.rd = False  # may have bytes (or EOF) to read
+        self.wr = True  # may accept bytes
+        self.hup = False  # the peer finished or failed: read until EOF even after a short read
+        self.eof = False  # EOF read from it
+        self.shut = False  # we sent it our FIN
+        self.pend = b""  # bytes waiting to be written to it
+        self.nbytes = 0  # bytes read from it
+        self.watch_out = False  # EPOLLOUT in its epoll mask
+
+
+class Connection:
     """One sandbox client: hello -> decision -> dial -> splice -> summary."""
 
-    # One per connection, touched on every callback: slots make it smaller and faster.
+    # One per connection, touched on every event: slots make it smaller and faster.
     __slots__ = (
-        "__weakref__",
-        "_task",
-        "_timers",
+        "ack_id",
+        "c",
         "cid",
-        "client_eof",
-        "client_gone",
         "close_reason",
-        "closing",
         "deadline",
-        "down_bytes",
+        "dial_ip",
+        "dial_port",
         "error",
+        "errors",
         "hello",
         "last",
+        "life_end",
         "loop",
         "parser",
         "peeked",
         "peeked_len",
+        "phase",
         "pinned",
         "proxy",
         "rule",
-        "sink",
         "source",
         "started",
         "t0",
-        "transport",
-        "up",
-        "up_bytes",
-        "up_gone",
+        "targets",
+        "task",
+        "timer",
+        "timer_at",
+        "u",
         "up_ip",
         "up_port",
-        "upstream_eof",
     )
 
-    def __init__(self, proxy: Proxy) -> None:
+    def __init__(self, proxy: Proxy, sock: socket.socket, addr: Any) -> None:
         self.proxy = proxy
-        self.loop = proxy.loop
+        self.loop = loop = proxy.loop
         self.cid = proxy.next_id()
-        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.t0 = time.monotonic_ns()
+        self.phase = HELLO
+        self.c = c = _Side()
+        c.sock = sock
+        c.fd = sock.fileno()
+        self.u = _Side()
         self.parser: ClientHelloParser | None = ClientHelloParser()
         self.peeked: list[bytes] = []
         self.peeked_len = 0
         self.hello: ClientHello | None = None
         self.rule: str | None = None
-        self.up: _Upstream | None = None
-        self.sink: asyncio.Transport | None = None  # upstream transport once splicing
-        self.up_gone = False
+        self.pinned = False
+        self.started = False  # an allowed/start event was queued: owe a summary
+        self.ack_id = 0
+        self.targets: list[tuple[str, int]] = []
+        self.errors: list[str] = []
+        self.dial_ip = ""
+        self.dial_port = 0
         self.up_ip: str | None = None
         self.up_port = 0
-        self.deadline = 0.0
-        self.pinned = False
-        self.started = False  # an allowed/start event was sent: owe a summary
-        self.closing = False
-        self.client_eof = self.upstream_eof = False
-        self.client_gone = False
-        self.up_bytes = self.down_bytes = 0
         self.close_reason: str | None = None
         self.error: str | None = None
-        self.t0 = time.monotonic_ns()
-        self.last = self.loop.time()
-        self._timers: list[asyncio.TimerHandle] = []
-        self._task: asyncio.Task[None] | None = None
-        self.source: dict[str, Any] = {}
-
-    # -- asyncio.Protocol (client side) ---------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.proxy.conns.add(self)
-        peer = transport.get_extra_info("peername") or ("", 0)
-        self.source = {"ip": peer[0], "port": peer[1]} if peer[0] else {}
-        p = self.proxy
+        self.task: asyncio.Task[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = 0.0
+        self.deadline = 0.0
+        self.life_end = 0.0
+        self.last = 0.0
+        # accept() returned the peer address: no getpeername()
+        self.source: dict[str, Any] = {"ip": addr[0], "port": addr[1]} if addr and addr[0] else {}
+        p = proxy
+        p.conns.add(self)
         if p.deny_new:  # audit sink down: nothing new may start; counted, reported later
             p.refused_while_denied += 1
-            self._finish_quietly()
+            self._close()
             return
         if len(p.conns) > p.limits.max_connections:
             self.deny(f"concurrent connection cap ({p.limits.max_connections}) reached",
                       "connection-cap")
             return
-        # TCP_NODELAY: uvloop sets it on every TCP transport, accepted or dialled
-        # (test_uvloop_sets_nodelay guards that), so no extra syscalls here.
-        transport.set_write_buffer_limits(high=p.limits.write_high)
-        self._timers.append(self.loop.call_later(p.limits.hello_timeout, self._hello_timeout))
+        # TCP_NODELAY: inherited from the listener, set once in serve() (Linux copies it to
+        # accepted sockets; test_accepted_sockets_inherit_nodelay guards that).
+        p.ep.register(c.fd, CLIENT_EVENTS)
+        p.fdmap[c.fd] = self._on_client
+        self._arm(loop.time() + p.limits.hello_timeout)
 
-    def data_received(self, data: bytes) -> None:
-        sink = self.sink
-        if sink is not None:
-            self.up_bytes += len(data)
-            self.last = self.loop.time()
-            sink.write(data)
-            return
-        if self.parser is None:  # after the hello, before the upstream is ready (paused)
-            self._peek(data)
-            return
-        self._peek(data)
-        if self.closing:
-            return
-        try:
-            hello = self.parser.feed(data)
-        except ClientHelloError as exc:
-            self.deny(f"malformed ClientHello: {exc.reason}", "malformed-client-hello")
-            return
-        if hello is None:
-            return
-        self.parser = None
-        self.hello = hello
-        self.transport.pause_reading()
-        self._cancel_timers()
-        self._task = self.loop.create_task(self._admit(hello))
+    # -- events -------------------------------------------------------------------------------
 
-    def _peek(self, data: bytes) -> None:
-        self.peeked.append(data)
-        self.peeked_len += len(data)
-        if self.peeked_len > 2 * 64 * 1024 + self.proxy.limits.write_high:
-            self.deny("too many bytes before the upstream was ready", "peek-overflow")
+    def _on_client(self, ev: int) -> None:
+        c = self.c
+        if ev & _READABLE:
+            c.rd = True
+            if ev & _ENDED:
+                c.hup = True
+        if ev & _OUT:
+            c.wr = True
+        phase = self.phase
+        if phase == SPLICE:
+            if ev & _ERR and c.eof:  # reset after its FIN: no read would report it
+                self._reset(c)
+            else:
+                self._pump()
+        elif phase == HELLO:
+            self._read_hello()
+        # otherwise the client waits (not read) until the upstream is ready
 
-    def eof_received(self) -> bool:
-        if self.parser is not None or self.up is None:
-            self.client_eof = True
-            if self.parser is not None:
+    def _on_upstream(self, ev: int) -> None:
+        u = self.u
+        if ev & _READABLE:
+            u.rd = True
+            if ev & _ENDED:
+                u.hup = True
+        if ev & _OUT:
+            u.wr = True
+        phase = self.phase
+        if phase == SPLICE:
+            if ev & _ERR and u.eof:  # reset after its FIN: no read would report it
+                self._reset(u)
+            else:
+                self._pump()
+        elif phase == DIALLING:
+            if ev & _ERR:
+                assert u.sock is not None
+                err = u.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                self._dial_failed(str(OSError(err, os.strerror(err))) if err else "connection failed")
+            elif ev & _OUT:
+                self._splice()
+
+    # -- timer: one per connection, re-armed lazily -------------------------------------------
+
+    def _arm(self, deadline: float) -> None:
+        """The current phase must end by `deadline`. The one timer is moved only if it
+        would fire too late; a timer that fires early re-arms itself."""
+        self.deadline = deadline
+        t = self.timer
+        if t is None or deadline < self.timer_at:
+            if t is not None:
+                t.cancel()
+            self.timer = self.loop.call_at(deadline, self._on_timer)
+            self.timer_at = deadline
+
+    def _on_timer(self) -> None:
+        self.timer = None
+        phase = self.phase
+        if phase == CLOSED:
+            return
+        now = self.loop.time()
+        lim = self.proxy.limits
+        if phase == SPLICE:
+            if now >= self.life_end:
+                self.abort(f"max lifetime {lim.max_lifetime:g} s")
+                return
+            idle_at = self.last + lim.idle_timeout
+            if now >= idle_at:
+                self.abort(f"idle for {lim.idle_timeout:g} s")
+                return
+            self._arm(min(idle_at, self.life_end))
+        elif now < self.deadline:
+            self._arm(self.deadline)
+        elif phase == HELLO:
+            self.deny(f"ClientHello not complete within {lim.hello_timeout:g} s", "hello-timeout")
+        elif phase == DECIDING:  # no ACK in time: not recorded, so nothing may pass
+            self.proxy._pending.pop(self.ack_id, None)
+            self._close("decision not recorded by the supervisor")
+        elif phase == DIALLING:
+            self._dial_failed("connect timeout")
+        # RESOLVING: bounded by its own resolve_timeout
+
+    # -- hello ----------------------------------------------------------------------------------
+
+    def _read_hello(self) -> None:
+        c = self.c
+        sock = c.sock
+        assert sock is not None
+        while c.rd:
+            try:
+                data = sock.recv(HELLO_READ, _DONTWAIT)
+            except BlockingIOError:
+                c.rd = False
+                return
+            except OSError as exc:
+                self._close(f"client error: {exc}")
+                return
+            if not data:
+                c.eof = True
                 self.deny("client closed before completing its ClientHello", "incomplete-hello")
-            return True  # keep open: an admitted hello may still be forwarded, then EOF
-        return self.half_close(from_client=True)
-
-    def pause_writing(self) -> None:  # the client is slow: stop reading the upstream
-        if self.up is not None and self.up.transport is not None:
-            self.up.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.up is not None and self.up.transport is not None and not self.closing:
-            self.up.transport.resume_reading()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.client_gone = True
-        if self.close_reason is None:
-            self.close_reason = "client closed" if exc is None else f"client error: {exc}"
-        if self.sink is not None and not self.up_gone:
-            self.sink.close()  # flush what the client sent; upstream_lost() finishes
-            return
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-        self._done()
+                return
+            if len(data) < HELLO_READ and not c.hup:
+                c.rd = False  # a short read emptied the socket; the next byte is a new edge
+            self.peeked.append(data)
+            self.peeked_len += len(data)
+            try:
+                hello = self.parser.feed(data)  # type: ignore[union-attr]
+            except ClientHelloError as exc:
+                self.deny(f"malformed ClientHello: {exc.reason}", "malformed-client-hello")
+                return
+            if hello is not None:
+                self.parser = None
+                self.hello = hello
+                self._decide(hello)
+                return
+            if self.peeked_len > 2 * 64 * 1024 + self.proxy.limits.write_high:
+                self.deny("too many bytes before the upstream was ready", "peek-overflow")
+                return
 
     @property
     def undecided(self) -> bool:
         """Accepted, still open, and neither denied nor past its recorded decision."""
-        if self.closing or self.client_gone:
-            return False
-        return self.parser is not None or (self._task is not None and not self.started
-                                           and not self._task.done())
+        return self.phase == HELLO
 
     # -- decision ---------------------------------------------------------------------------
 
@@ -559,7 +673,7 @@ class Connection(asyncio.Protocol):
 
     def deny(self, reason: str, code: str) -> None:
         """Block: audit (no ACK needed: nothing passes), alert the client, close."""
-        if self.closing:
+        if self.phase == CLOSED:
             return
         f = self._fields()
         name = self.hello.server_name if self.hello else None
@@ -567,21 +681,12 @@ class Connection(asyncio.Protocol):
             "connection-denied", f"blocked {name or 'connection'}: {reason}", level="warning",
             category=["network"], type=["connection", "denied"], outcome="success",
             reason=reason, **f, **({"event": {"code": code}})))
-        with contextlib.suppress(Exception):
-            if self.hello is not None:
-                self.transport.write(ALERT_ACCESS_DENIED)
-        self._finish_quietly()
+        if self.hello is not None and self.c.sock is not None:
+            with contextlib.suppress(OSError):  # 7 bytes into an unused send buffer
+                self.c.sock.send(ALERT_ACCESS_DENIED, _DONTWAIT)
+        self._close()
 
-    def _finish_quietly(self) -> None:
-        self.closing = True
-        self._cancel_timers()
-        self.transport.close()
-
-    def _hello_timeout(self) -> None:
-        self.deny(f"ClientHello not complete within {self.proxy.limits.hello_timeout:g} s",
-                  "hello-timeout")
-
-    async def _admit(self, hello: ClientHello) -> None:
+    def _decide(self, hello: ClientHello) -> None:
         p = self.proxy
         name = hello.server_name
         if name is None:
@@ -600,179 +705,259 @@ class Connection(asyncio.Protocol):
             f["destination"].update(ip=pin.addr, port=pin.port)
         msg = (f"would block {name} (learn mode): allowed" if would_block
                else f"allowed {name} by {self.rule}")
-        ack = p.decision(make_event(
-            "connection-allowed", msg, level="warning" if would_block else "info",
-            category=["network"], type=["connection", "allowed", "start"], outcome="success",
-            reason="learn mode" if would_block else None, **f))
+        self.phase = DECIDING  # the client is not read until the upstream is ready
+        if not p.decision(make_event(
+                "connection-allowed", msg, level="warning" if would_block else "info",
+                category=["network"], type=["connection", "allowed", "start"], outcome="success",
+                reason="learn mode" if would_block else None, **f), self):
+            self._close("decision not recorded by the supervisor")  # channel congested
+            return
         # Queued means the supervisor may record it even if we never read its ACK (a
         # shutdown aborts us first): from here on the connection owes its summary.
-        self.started = not ack.done()
-        # A timer that settles the future, not asyncio.timeout: no cancellation
-        # machinery on the per-connection path (same bound, same verdict).
-        expire = self.loop.call_later(p.limits.ack_timeout, _settle, ack, False)
-        try:
-            ok = await ack
-        finally:
-            expire.cancel()
-        if not ok or self.client_gone:  # not recorded: nothing may pass
-            self.close_reason = "decision not recorded by the supervisor"
-            self._finish_quietly()
-            return
-        try:
-            await self._dial(name, pin)
-        except Exception as exc:  # any dial failure ends the connection, audited
-            self.error = self.error or f"{type(exc).__name__}: {exc}"
-        if self.up is None:
-            self.close_reason = "upstream unavailable"
-            self._finish_quietly()
-            if self.client_gone:
-                self._done()
+        self.started = True
+        self._arm(self.loop.time() + p.limits.ack_timeout)
 
-    async def _dial(self, name: str, pin: Any) -> None:
+    def on_ack(self, ok: bool) -> None:
+        """The supervisor answered the decision: recorded (ok) or not."""
+        if self.phase != DECIDING:
+            return
+        if not ok:  # not recorded: nothing may pass
+            self._close("decision not recorded by the supervisor")
+            return
         p = self.proxy
+        name = self.hello.server_name  # type: ignore[union-attr]
+        assert name is not None
+        pin = p.pins.get(name)
         if pin is not None:
             target = p.pin_targets.get(name)
             if target is None:
                 self.error = f"pinned upstream {pin.addr!r} is not an IP address"
+                self._close("upstream unavailable")
                 return
-            targets = [target]
+            self.targets = [target]
+            self._dial_next()
         else:
-            port = p.limits.upstream_port
-            try:
-                async with asyncio.timeout(p.limits.resolve_timeout):
-                    infos = await p.resolve(name, port)
-            except (TimeoutError, OSError) as exc:
-                self.error = f"resolving {name} failed: {exc or 'timeout'}"
-                return
-            allowed, refused = vet(infos)
-            if not allowed:
-                why = "; ".join(f"{ip} ({r})" for ip, r in refused) or "no address"
-                self.error = f"no public address for {name}: {why}"
-                return
-            targets = [(ip, port) for ip in allowed]
-        errors = []
-        for ip, port in targets:
-            if self.client_gone:
-                return
-            fam = socket.AF_INET6 if ":" in ip else socket.AF_INET
-            up = _Upstream(self)
-            task = self._task
-            assert task is not None
-            expired: list[bool] = []
-            # The bound as a plain timer that cancels this task, not asyncio.timeout
-            # (which costs two getpid() syscalls and a context object per connection).
-            timer = self.loop.call_later(p.limits.connect_timeout, _expire, task, expired)
-            try:
-                # `ip` is a validated literal: uvloop's numeric fast path, no lookup.
-                await self.loop.create_connection(lambda up=up: up, host=ip, port=port, family=fam)
-            except asyncio.CancelledError:
-                if up.transport is not None:  # connected in the same instant: not used
-                    up.transport.abort()
-                if not expired or task.uncancel() > 0:
-                    raise  # cancelled for another reason (the client left): not ours to eat
-                errors.append(f"{ip}:{port}: connect timeout")
-                continue
-            except OSError as exc:
-                errors.append(f"{ip}:{port}: {exc}")
-                continue
-            finally:
-                timer.cancel()
-            self.up_ip = ip
-            self.up_port = port
-            self._splice(up)
+            self.phase = RESOLVING
+            self.task = self.loop.create_task(self._resolve(name))
+
+    async def _resolve(self, name: str) -> None:
+        p = self.proxy
+        port = p.limits.upstream_port
+        try:
+            async with asyncio.timeout(p.limits.resolve_timeout):
+                infos = await p.resolve(name, port)
+        except (TimeoutError, OSError) as exc:
+            self.task = None
+            self.error = f"resolving {name} failed: {exc or 'timeout'}"
+            self._close("upstream unavailable")
             return
-        self.error = "; ".join(errors)
+        self.task = None
+        if self.phase != RESOLVING:
+            return
+        allowed, refused = vet(infos)
+        if not allowed:
+            why = "; ".join(f"{ip} ({r})" for ip, r in refused) or "no address"
+            self.error = f"no public address for {name}: {why}"
+            self._close("upstream unavailable")
+            return
+        self.targets = [(ip, port) for ip in allowed]
+        self._dial_next()
+
+    # -- dial ---------------------------------------------------------------------------------
+
+    def _dial_next(self) -> None:
+        """Dial the next vetted literal (in order); the connection closes, audited, when
+        none is left."""
+        p = self.proxy
+        while self.targets:
+            ip, port = self.targets.pop(0)
+            fam = socket.AF_INET6 if ":" in ip else socket.AF_INET
+            try:
+                s = socket.socket(fam, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            except OSError as exc:
+                self.errors.append(f"{ip}:{port}: {exc}")
+                continue
+            # `ip` is a validated literal: connect_ex() parses it, no lookup.
+            try:
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                err = s.connect_ex((ip, port))
+            except OSError as exc:
+                err = exc.errno or errno.EINVAL
+            if err and err != errno.EINPROGRESS:
+                s.close()
+                self.errors.append(f"{ip}:{port}: {OSError(err, os.strerror(err))}")
+                continue
+            u = self.u
+            u.sock = s
+            u.fd = s.fileno()
+            p.ep.register(u.fd, UPSTREAM_EVENTS)
+            p.fdmap[u.fd] = self._on_upstream
+            self.dial_ip, self.dial_port = ip, port
+            self.phase = DIALLING
+            self._arm(self.loop.time() + p.limits.connect_timeout)
+            return
+        self.error = "; ".join(self.errors)
+        self._close("upstream unavailable")
+
+    def _dial_failed(self, why: str) -> None:
+        self.errors.append(f"{self.dial_ip}:{self.dial_port}: {why}")
+        self._drop_upstream()
+        self._dial_next()
+
+    def _drop_upstream(self) -> None:
+        u = self.u
+        if u.sock is not None:
+            self.proxy.fdmap.pop(u.fd, None)
+            u.sock.close()  # closing the last reference also leaves the epoll set
+            u.sock = None
+        self.u = _Side()
 
     # -- splice -------------------------------------------------------------------------------
 
-    def _splice(self, up: _Upstream) -> None:
-        self.up = up
-        ut = up.transport
-        assert ut is not None
-        if self.client_gone:  # the client left while we dialled
-            ut.close()
-            return
-        self.sink = ut
-        ut.set_write_buffer_limits(high=self.proxy.limits.write_high)
-        data = b"".join(self.peeked)
+    def _splice(self) -> None:
+        self.phase = SPLICE
+        self.up_ip, self.up_port = self.dial_ip, self.dial_port
+        data = b"".join(self.peeked)  # the hello (and anything sent with it) first
         self.peeked.clear()
-        self.up_bytes += len(data)
-        ut.write(data)
-        if self.client_eof:
-            self.half_close(from_client=True)
-        else:
-            self.transport.resume_reading()
+        self.c.nbytes += len(data)
+        self.u.pend = data
+        now = self.loop.time()
+        self.last = now
         lim = self.proxy.limits
-        self.last = self.loop.time()
-        self.deadline = self.loop.time() + lim.max_lifetime
-        # one timer for both idle timeout and lifetime: re-armed only when it fires
-        self._timers.append(self.loop.call_later(min(lim.idle_timeout, lim.max_lifetime),
-                                                 self._idle_check))
+        self.life_end = now + lim.max_lifetime
+        # The connect deadline's timer, when it fires, re-arms for idle/lifetime.
+        self.deadline = now + min(lim.idle_timeout, lim.max_lifetime)
+        self._pump()
 
-    def half_close(self, *, from_client: bool) -> bool:
-        """One side sent FIN: pass it on; close when both have."""
-        if from_client:
-            self.client_eof = True
-            if self.up is not None and self.up.transport is not None:
-                with contextlib.suppress(OSError, RuntimeError):
-                    self.up.transport.write_eof()
-        else:
-            self.upstream_eof = True
-            with contextlib.suppress(OSError, RuntimeError):
-                self.transport.write_eof()
-        if self.client_eof and self.upstream_eof:
-            self.close_reason = self.close_reason or "both sides closed"
-            self.transport.close()
-            if self.up is not None and self.up.transport is not None:
-                self.up.transport.close()
+    def _pump(self) -> None:
+        """Move what can move, both ways; pass each FIN on once its direction is flushed."""
+        c, u = self.c, self.u
+        self.last = self.loop.time()
+        if not self._flow(c, u) or not self._flow(u, c):
+            return
+        if c.eof and u.eof and c.shut and u.shut:
+            self._close("both sides closed")
+
+    def _flow(self, src: _Side, dst: _Side) -> bool:
+        """src -> dst. At most one chunk waits in userspace per direction: while dst has
+        bytes pending, src is not read (backpressure). False once the connection closed."""
+        if dst.pend:
+            if not dst.wr:
+                return True
+            if not self._write(dst, dst.pend):
+                return self.phase != CLOSED
+        if not src.eof and src.rd:
+            buf = self.proxy.buf
+            view = self.proxy.view
+            sock = src.sock
+            assert sock is not None
+            while True:
+                try:
+                    n = sock.recv_into(buf, CHUNK, _DONTWAIT)
+                except BlockingIOError:
+                    src.rd = False
+                    break
+                except OSError as exc:
+                    self._failed(src, exc)
+                    return False
+                if n == 0:
+                    src.eof = True
+                    break
+                src.nbytes += n
+                if n < CHUNK and not src.hup:
+                    src.rd = False
+                if not dst.wr:
+                    dst.pend = bytes(view[:n])
+                    self._watch_out(dst)
+                    return True
+                if not self._write(dst, view[:n]):
+                    return self.phase != CLOSED
+                if not src.rd:
+                    break
+        if src.eof and not dst.pend and not dst.shut:
+            dst.shut = True
+            if dst.sock is not None:
+                with contextlib.suppress(OSError):  # the peer may be gone already
+                    dst.sock.shutdown(socket.SHUT_WR)
         return True
 
-    def _idle_check(self) -> None:
-        now = self.loop.time()
-        lim = self.proxy.limits.idle_timeout
-        if now >= self.deadline:
-            self.abort(f"max lifetime {self.proxy.limits.max_lifetime:g} s")
-        elif now - self.last >= lim:
-            self.abort(f"idle for {lim:g} s")
+    def _write(self, dst: _Side, data: Any) -> bool:
+        """Write to dst; True when all of it went. What did not fit waits in dst.pend."""
+        sock = dst.sock
+        assert sock is not None
+        try:
+            n = sock.send(data, _DONTWAIT)
+        except BlockingIOError:
+            n = 0
+        except OSError as exc:
+            self._failed(dst, exc)
+            return False
+        if n == len(data):
+            dst.pend = b""
+            return True
+        dst.pend = bytes(data[n:])
+        dst.wr = False
+        self._watch_out(dst)
+        return False
+
+    def _watch_out(self, side: _Side) -> None:
+        if not side.watch_out and side is self.c:  # the upstream is registered with EPOLLOUT
+            side.watch_out = True
+            self.proxy.ep.modify(side.fd, CLIENT_EVENTS | _OUT)  # reports it if writable now
+
+    def _failed(self, side: _Side, exc: OSError) -> None:
+        """A socket error (reset, broken pipe): give the other side what it is owed, close."""
+        if self.close_reason is None:
+            who = "client" if side is self.c else "upstream"
+            self.close_reason = f"{who} error: {exc}"
+        other = self.u if side is self.c else self.c
+        if other.pend and other.sock is not None:
+            with contextlib.suppress(OSError):
+                other.sock.send(other.pend, _DONTWAIT)
+        self._close()
+
+    def _reset(self, side: _Side) -> None:
+        assert side.sock is not None
+        err = side.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._failed(side, OSError(err, os.strerror(err)))
         else:
-            wait = min(lim - (now - self.last), self.deadline - now)
-            self._timers.append(self.loop.call_later(wait, self._idle_check))
+            self._pump()
 
     def abort(self, reason: str) -> None:
-        if self.close_reason is None:
-            self.close_reason = reason
-        self.closing = True
-        self.transport.abort()
-        if self.up is not None and self.up.transport is not None:
-            self.up.transport.abort()
-
-    def upstream_lost(self, exc: Exception | None) -> None:
-        self.up_gone = True
-        if self.close_reason is None:
-            self.close_reason = "upstream closed" if exc is None else f"upstream error: {exc}"
-        if not self.client_gone:
-            self.transport.close()  # flush what the upstream sent, then close
-        else:
-            self._done()
+        self._close(reason)
 
     # -- end ------------------------------------------------------------------------------------
 
-    def _cancel_timers(self) -> None:
-        for t in self._timers:
-            t.cancel()
-        self._timers.clear()
+    def _close(self, reason: str | None = None) -> None:
+        """Close both sockets, forget the connection and send the summary once."""
+        if self.phase == CLOSED:
+            return
+        self.phase = CLOSED
+        if self.close_reason is None:
+            self.close_reason = reason
+        p = self.proxy
+        for side in (self.c, self.u):
+            if side.sock is not None:
+                p.fdmap.pop(side.fd, None)
+                side.sock.close()  # closing the last reference also leaves the epoll set
+                side.sock = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.task is not None:
+            self.task.cancel()
+            self.task = None
+        if self.ack_id:
+            p._pending.pop(self.ack_id, None)
+        p.conns.discard(self)
+        if self.started:
+            self._summary()
 
-    def _done(self) -> None:
-        """Both sides are gone: forget the connection and send the summary once."""
-        if self not in self.proxy.conns:
-            return
-        self.proxy.conns.discard(self)
-        self._cancel_timers()
-        if not self.started:
-            return
+    def _summary(self) -> None:
         f = self._fields()
-        f["source"] = {**(self.source or {}), "bytes": self.up_bytes}
-        f["destination"]["bytes"] = self.down_bytes
+        f["source"] = {**(self.source or {}), "bytes": self.c.nbytes}
+        f["destination"]["bytes"] = self.u.nbytes
         if self.up_ip:
             f["destination"].update(ip=self.up_ip, port=self.up_port)
         f["agentpen"]["upstream_pinned"] = self.pinned
