@@ -71,6 +71,21 @@ class ClientHelloParser:
     def feed(self, data: bytes) -> ClientHello | None:
         if self._result is not None:
             return self._result
+        if (self._consumed == 0 and len(data) >= _RECORD_HEADER + _HS_HEADER
+                and data[0] == CONTENT_HANDSHAKE and data[1] == 3
+                and data[_RECORD_HEADER] == HANDSHAKE_CLIENT_HELLO):
+            # Fast path, the usual case: the whole ClientHello is the first record, exactly,
+            # and it is all in this first read. Every header check below holds for it;
+            # anything else takes the general path.
+            rec_len = data[3] << 8 | data[4]
+            hs_len = data[6] << 16 | data[7] << 8 | data[8]
+            if (0 < rec_len <= MAX_RECORD and _HS_HEADER + hs_len == rec_len
+                    and len(data) >= _RECORD_HEADER + rec_len):
+                self._consumed = _RECORD_HEADER + rec_len
+                self._records = 1
+                self._result = self._parse_body(bytes(data[_RECORD_HEADER + _HS_HEADER:
+                                                           _RECORD_HEADER + rec_len]))
+                return self._result
         view = memoryview(data)
         pos = 0
         while pos < len(view):
@@ -144,6 +159,58 @@ class ClientHelloParser:
     # -- ClientHello body -------------------------------------------------------
 
     def _parse_body(self, body: bytes) -> ClientHello:
+        """Walk a well-formed body with plain indices; at the first anomaly hand over to
+        _parse_body_checked(), which walks it again and raises the precise error. It
+        returns only after every check of the checked walk held."""
+        b = body
+        n = len(b)
+        if n < 35 or b[0] != 3:  # legacy_version (major 3) + random + session_id length
+            return self._parse_body_checked(body)
+        p = 35 + b[34]
+        if b[34] > 32 or p + 2 > n:
+            return self._parse_body_checked(body)
+        suites = b[p] << 8 | b[p + 1]
+        p += 2 + suites
+        if not suites or suites % 2 or p + 1 > n:
+            return self._parse_body_checked(body)
+        methods = b[p]
+        p += 1 + methods
+        if not methods or p > n:
+            return self._parse_body_checked(body)
+        server_name: str | None = None
+        alpn: tuple[str, ...] = ()
+        ech = False
+        if p < n:
+            if p + 2 > n or p + 2 + (b[p] << 8 | b[p + 1]) != n:
+                return self._parse_body_checked(body)  # truncated, or bytes after them
+            p += 2
+            seen: set[int] = set()
+            while p < n:
+                if p + 4 > n:
+                    return self._parse_body_checked(body)
+                ext_type = b[p] << 8 | b[p + 1]
+                end = p + 4 + (b[p + 2] << 8 | b[p + 3])
+                if end > n or ext_type in seen:
+                    return self._parse_body_checked(body)
+                seen.add(ext_type)
+                if ext_type == EXT_SERVER_NAME:
+                    server_name = _parse_sni(b[p + 4 : end])
+                elif ext_type == EXT_ALPN:
+                    alpn = _parse_alpn(b[p + 4 : end])
+                elif ext_type == EXT_ECH:
+                    ech = True
+                p = end
+        return ClientHello(
+            server_name=server_name,
+            ech=ech,
+            alpn=alpn,
+            legacy_version=b[0] << 8 | b[1],
+            handshake_length=n,
+            records=self._records,
+            consumed=self._consumed,
+        )
+
+    def _parse_body_checked(self, body: bytes) -> ClientHello:
         r = _Reader(body)
         legacy_version = r.u16("legacy_version")
         if legacy_version >> 8 != 3:

@@ -12,6 +12,8 @@ _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")
 # A last label that a URL parser or inet_aton would read as a number (WHATWG
 # "ends in a number"): decimal or 0x-hex. No TLD looks like this.
 _NUMERIC_LABEL = re.compile(r"(?:[0-9]+|0x[0-9a-f]*)\Z")
+# The whole name at once, for the common (valid) case: the same label rule, dot-separated.
+_LDH_NAME = re.compile(r"(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")
 
 
 def canonical_host(name: str) -> str:
@@ -20,6 +22,18 @@ def canonical_host(name: str) -> str:
     Raises ValueError with the precise reason. Only ASCII is accepted here:
     callers that take user input convert IDNA first.
     """
+    if name.isascii():  # fast path: one match for a valid name; any doubt takes the long way
+        host = name.lower()
+        if host.endswith("."):
+            host = host[:-1]
+        if (len(host) <= MAX_NAME and _LDH_NAME.match(host)
+                and not _NUMERIC_LABEL.match(host.rpartition(".")[2])):
+            return host
+    return _canonical_host_checked(name)
+
+
+def _canonical_host_checked(name: str) -> str:
+    """canonical_host() label by label, raising with the precise reason."""
     if not name:
         raise ValueError("empty name")
     if not name.isascii():
