@@ -45,6 +45,8 @@ class MsgType(enum.IntEnum):
     ACK = 7  # supervisor -> worker: an event was recorded (or refused)
 
 
+# One encoder for every message (json.dumps with these options builds a new one per call).
+_DUMPS = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 _BY_VALUE = {int(t): t for t in MsgType}  # a dict lookup, not an Enum call, per message
 _TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
 _ANC_SIZE = socket.CMSG_SPACE(_CREDS.size) + socket.CMSG_SPACE(MAX_FDS * 4)
@@ -137,7 +139,7 @@ class Channel:
 def encode(mtype: MsgType, body: dict[str, Any],
            fds: tuple[int, ...] | list[int] = ()) -> tuple[bytes, list[int], int | None]:
     """Build a packet. Returns (packet, fds to attach, blob fd the caller must close)."""
-    raw = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    raw = _DUMPS(body).encode()
     head = HEADER.pack(MAGIC, PROTOCOL_VERSION, int(mtype))
     all_fds = list(fds)
     if len(all_fds) > MAX_FDS - 1:

@@ -31,7 +31,16 @@ from typing import Any
 
 import uvloop  # imported here so a supervisor that imports this module forks warm workers
 from agentpen.core import osutil
-from agentpen.core.channel import PROTOCOL_VERSION, Channel, Message, MsgType, ProtocolError, encode
+from agentpen.core.channel import (
+    MAX_PACKET,
+    PROTOCOL_VERSION,
+    Channel,
+    Message,
+    MsgType,
+    ProtocolError,
+    decode,
+    encode,
+)
 from agentpen.core.confine import confine
 from agentpen.core.events import make_event
 from agentpen.core.policy import SessionPolicy
@@ -322,19 +331,25 @@ class Proxy:
         return True
 
     def _on_channel(self) -> None:
-        while True:
-            try:
-                msg = self.channel.recv()
-            except BlockingIOError:
-                return
-            except (ProtocolError, OSError):
-                msg = None
-            if msg is None:  # EOF: the supervisor is gone; nothing may pass unaudited
-                self.loop.remove_reader(self.channel.fileno())
-                self.loop.create_task(self._stop(audit=False))
-                return
-            msg.close_fds()
-            self._on_message(msg)
+        """One message per call (the reader is level-triggered: uvloop calls again while
+        more wait), read with a plain recv(): no trailing EAGAIN read per ACK, and no
+        ancillary data to parse (the supervisor sends the worker no descriptors; any
+        would be closed by the kernel, and the worker has no use for SCM_CREDENTIALS)."""
+        try:
+            data = self.channel.sock.recv(MAX_PACKET)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        msg = None
+        if data:
+            with contextlib.suppress(ProtocolError):
+                msg = decode(data, [])
+        if msg is None:  # EOF or garbage: the supervisor is gone; nothing may pass unaudited
+            self.loop.remove_reader(self.channel.fileno())
+            self.loop.create_task(self._stop(audit=False))
+            return
+        self._on_message(msg)
 
     def _on_message(self, msg: Message) -> None:
         if msg.type == MsgType.ACK:
