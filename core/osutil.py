@@ -91,6 +91,12 @@ def set_pdeathsig(sig: int = signal.SIGKILL, *, expected_parent: int | None = No
         os.kill(os.getpid(), sig)
 
 
+def set_name(name: bytes) -> None:
+    """The process's comm (what ps and /proc/PID/comm show; 15 bytes at most)."""
+    buf = ctypes.create_string_buffer(name[:15])
+    _prctl(15, ctypes.addressof(buf))  # PR_SET_NAME
+
+
 def set_no_new_privs() -> None:
     _prctl(PR_SET_NO_NEW_PRIVS, 1)
 

@@ -75,6 +75,12 @@ class SessionPolicy:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    def network_view(self) -> tuple[Any, ...]:
+        """What the netns worker sets the namespace up from (nft, listeners, DNS, the
+        user namespace): the part of the policy that must not change after CONFIG."""
+        return (tuple(self.allow), self.learn, self.proxy_port, self.dns_port,
+                tuple(self.publish), tuple(self.host_ports), self.uid, self.gid)
+
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SessionPolicy:
         d = dict(data)

@@ -169,11 +169,8 @@ class Session:
         # removes these if we are SIGKILLed.
         self.guardian = self.netns.guardian
         self.guardian.watch(self.covers, self.scratch_root)
-        self.netns.channel.send(MsgType.CONFIG, {
-            "policy": p.to_json(),
-            "covers": [{"path": c.path, "kind": c.kind, "rel": c.rel, "data": c.data.decode(),
-                        "source": c.source} for c in self.covers],
-        })
+        # The worker got its CONFIG when it was spawned (it is setting the namespace up
+        # by now); the covers, and the policy as finally resolved, travel with "go".
         allow_hash = hashlib.sha256("\n".join(sorted(p.allow)).encode()).hexdigest()
         # Durable before the netns worker may start the command (it waits for "go").
         self.audit.emit(make_event(
@@ -319,8 +316,8 @@ class Session:
         if msg.type == MsgType.EVENT:
             self.emit(msg.body, sender="netns", pid=msg.sender_pid)
         elif msg.type == MsgType.FDS:
+            # Held from now on; the first proxy is forked once "go" is sent (see above).
             self.proxy = ProxySupervisor(msg.take_fds(), self.policy)
-            self._start_proxy(restart=False)
         elif msg.type == MsgType.STATUS:
             self._on_netns_status(msg.body)
         msg.close_fds()
@@ -337,10 +334,18 @@ class Session:
             # The session start is on disk (emitted durably before this point).
             self.go_ns = time.time_ns()  # from here on the sandbox can write the project
             try:
-                self.netns.channel.send(MsgType.CONTROL, {"op": "go"})  # type: ignore[union-attr]
+                self.netns.channel.send(MsgType.CONTROL, {  # type: ignore[union-attr]
+                    "op": "go", "policy": self.policy.to_json(),
+                    "covers": [{"path": c.path, "kind": c.kind, "rel": c.rel, "data": c.data.decode(),
+                                "source": c.source} for c in self.covers],
+                })
             except OSError:
                 self.outcome.error = "the netns worker went away before the command started"
                 self.done = True
+                return
+            # The listeners already queue connections: the proxy's fork need not gate "go".
+            if self.proxy is not None and self.proxy.current is None and not self.proxy.incarnations:
+                self._start_proxy(restart=False)
         elif state == "jail-started":
             # The netns worker lives in pasta's pid namespace: its pids are not ours.
             # Find the host pid from the process tree (the jail is its only child).
@@ -535,6 +540,11 @@ class Session:
         # pasta has exited (below).
         proxy_told = self.sandbox_gone and self._tell_proxy_to_stop()
         if self.netns:
+            # A worker we forked exits after its last report; then the holder's end, and
+            # pasta exits with its holder (workers/netns/join.py).
+            if self.netns.forked is not None:
+                self.netns.reap_worker(TEARDOWN_TIMEOUT if self.outcome.error is None else 0.5)
+            self.netns.end_holder()
             try:
                 self.netns.pasta.wait(TEARDOWN_TIMEOUT if self.outcome.error is None else 0.5)
             except Exception:

@@ -19,7 +19,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from agentpen.core.channel import Channel, channel_pair
+from agentpen.core.channel import Channel, MsgType, channel_pair
 from agentpen.core.policy import SessionPolicy
 
 # Crash loop: this many proxy exits within the window stops egress for good.
@@ -105,45 +105,80 @@ class NetnsWorker:
     guardian: Any = None  # supervisor/guardian.Guardian: forked before pasta, knows its pid
     pid: int | None = None  # the netns worker's pid, from HELLO checked against SCM_CREDENTIALS
     handed_over: bool = False  # started early by the CLI, now owned by a Session
+    forked: int | None = None  # pid of a worker forked by us (None: pasta started it)
+    holder: socket.socket | None = None  # our end of the holder's socket: closing it ends pasta
 
     @classmethod
     def spawn(cls, policy: SessionPolicy, pasta_path: str = "pasta") -> NetnsWorker:
+        """pasta, and the netns worker in its namespaces.
+
+        Forked (the default, when this process is single-threaded): pasta runs a
+        *holder* (workers/netns/join.py) and a fork of this already-initialised process
+        joins the holder's namespaces: no interpreter start, no imports on the path to
+        the command (issue 10). Otherwise pasta runs ``python -m agentpen.workers.netns``.
+        Both start the same worker code at HELLO, with the same checks."""
         from agentpen.supervisor.guardian import Guardian
         from agentpen.workers.netns.pasta import detect_features, pasta_argv, spawn_pasta
 
         # The verifier's socket pair now, its fork right after pasta's: forking a 30 MB
         # interpreter costs the parent copy-on-write faults, better paid while pasta
         # builds the namespace than before pasta is started.
-        pair = _verifier_pair()
+        pair = _verifier_pair()  # None unless single-threaded: then no fork at all
         verifier = pair[0] if pair else None
         features = detect_features(pasta_path)
         sup, wk = channel_pair()
-        # The command keeps the user's terminal: hand duplicates of 0/1/2 through pasta
-        # (pasta's own stdio is /dev/null and a pipe we read).
+        # The command keeps the user's terminal: hand duplicates of 0/1/2 to the worker
+        # (through pasta, when pasta starts it: pasta's own stdio is /dev/null and a pipe).
         stdio = [os.dup(fd) for fd in (0, 1, 2)]
-        inner = [
-            sys.executable, "-I", "-m", "agentpen.workers.netns",
-            "--channel-fd", str(wk.fileno()), "--stdio", ",".join(map(str, stdio)),
-        ]
         extra = []
-        if verifier is not None:
-            inner += ["--verifier-fd", str(verifier.fileno())]
-            extra.append(verifier.fileno())
+        holder = ours = None
+        if verifier is not None and os.environ.get("AGENTPEN_NETNS_WORKER") != "exec":
+            from agentpen.workers.netns.join import holder_argv
+
+            ours, holder = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # the holder's pid, by the kernel
+            inner = holder_argv()
+            passed = []
+        else:
+            inner = [
+                sys.executable, "-I", "-m", "agentpen.workers.netns",
+                "--channel-fd", str(wk.fileno()), "--stdio", ",".join(map(str, stdio)),
+            ]
+            if verifier is not None:
+                inner += ["--verifier-fd", str(verifier.fileno())]
+                extra.append(verifier.fileno())
+            passed = [wk.fileno(), *stdio, *extra]
         # Before pasta exists: a supervisor SIGKILLed at any point after this leaves the
         # guardian to kill pasta's group (pasta's pre-exec child outlives its PDEATHSIG).
         guardian = Guardian()
+        forked = None
         try:
             proc = spawn_pasta(
                 pasta_argv(policy, inner, features),
-                pass_fds=[wk.fileno(), *stdio, *extra],
+                pass_fds=passed,
                 env=minimal_env(),
+                stdin=holder.fileno() if holder is not None else subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 announce=guardian.announce_self,
             )
-            if pair:
-                _fork_verifier(pair[1])  # the worker waits for it: a dead verifier fails closed
+            try:
+                if holder is not None:
+                    holder.close()  # pasta's and the holder's copies are the ones that count
+                    forked = _fork_netns_worker(wk, stdio, verifier, ours, proc.pid)  # type: ignore[arg-type]
+                if pair:
+                    _fork_verifier(pair[1])  # the worker waits for it: a dead verifier fails closed
+            except BaseException:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                raise
         except BaseException:
-            guardian.release()  # pasta never ran (or is reaped by Popen): nothing to guard
+            guardian.release()  # pasta never ran (or is reaped): nothing to guard
+            if forked:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(forked, 0)
+            if ours is not None:
+                ours.close()
             raise
         finally:
             wk.close()
@@ -155,22 +190,73 @@ class NetnsWorker:
         os.set_blocking(proc.stderr.fileno(), False)  # type: ignore[union-attr]
         if type(proc) is subprocess.Popen:
             proc.__class__ = _PidfdPopen
+        worker = cls(proc, sup, guardian, forked=forked, holder=ours)
+        # Early: the worker sets up nft, the verification and the listeners while we
+        # open the audit stream (the persistence covers follow with "go").
+        sup.send(MsgType.CONFIG, {"policy": policy.to_json()})
         # Signals are blocked for the signalfd by now: the thread inherits the mask.
         PRELOAD.start("multiprocess")
-        return cls(proc, sup, guardian)
+        return worker
 
     def kill(self) -> None:
         if self.pasta.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.pasta.pid, signal.SIGKILL)
+        if self.forked is not None:  # in pasta's group too, unless it died before joining
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.forked, signal.SIGKILL)
+
+    def end_holder(self) -> None:
+        """Our end of the holder's socket closed: the holder reads EOF and exits, and
+        pasta with it. (Before that pasta has no reason to exit: its child lives.)"""
+        if self.holder is not None:
+            self.holder.close()
+            self.holder = None
+
+    def reap_worker(self, timeout: float) -> int | None:
+        """Wait (bounded) for a forked worker's exit; its wait status, or None."""
+        if self.forked is None:
+            return None
+        if not _exited_within(self.forked, timeout):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.forked, signal.SIGKILL)
+        try:
+            _, status = os.waitpid(self.forked, 0)
+        except ChildProcessError:
+            status = None
+        self.forked = None
+        return status
 
     def abandon(self) -> None:
         """The session never started: pasta's group down and reaped, the guardian let go."""
         self.kill()
+        self.end_holder()
         with contextlib.suppress(Exception):
             self.pasta.wait(5)
+        self.reap_worker(1.0)
         if self.guardian is not None:
             self.guardian.release()
+
+
+def _fork_netns_worker(wk: Channel, stdio: list[int], verifier: socket.socket,
+                       holder: socket.socket, pasta_pid: int) -> int:
+    """Fork the netns worker (workers/netns/main.forked_main). Call single-threaded."""
+    for stream in (sys.stdout, sys.stderr):  # nothing buffered may be written twice
+        with contextlib.suppress(Exception):
+            stream.flush()
+    parent = os.getpid()
+    env = minimal_env()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            from agentpen.workers.netns.main import forked_main
+
+            code = forked_main(wk.fileno(), stdio, verifier.fileno(), holder.fileno(), pasta_pid,
+                               parent, env)
+        finally:
+            os._exit(code)
+    return pid
 
 
 def _verifier_pair() -> tuple[socket.socket, socket.socket] | None:

@@ -114,23 +114,29 @@ class Tree:
         for kid in children(self.supervisor):
             if comm(kid).startswith("pass"):
                 # The feature probe (pasta --help / --version) first, then the real one.
-                found["pasta" if "agentpen.workers.netns" in cmdline(kid) else "pasta-probe"] = kid
+                real = any(m in cmdline(kid) for m in ("agentpen.workers.netns", "agentpen-netns-holder"))
+                found["pasta" if real else "pasta-probe"] = kid
             elif kid == proxy:
                 found["proxy"] = kid
+            elif comm(kid) == "agentpen-netns":  # forked by the supervisor (the default)
+                found["netns"] = kid
         # The pyroute2 verifier is double-forked: its parent is whoever reaps orphans (we do).
         for kid in children(os.getpid()):
             if kid != self.supervisor and "agentpen.supervisor" in cmdline(kid) and alive(kid):
                 found["verifier"] = kid
         if "pasta" in found:
             for kid in children(found["pasta"]):
-                if "agentpen.workers.netns" not in cmdline(kid) or comm(kid).startswith("pass"):
+                if "agentpen-netns-holder" in cmdline(kid):
+                    found["holder"] = kid  # pasta's command: the worker joins its namespaces
+                elif "agentpen.workers.netns" not in cmdline(kid) or comm(kid).startswith("pass"):
                     found["pasta-helper"] = kid  # pasta's own child while it sets up the namespace
-                    continue
-                found["netns"] = kid
-                with contextlib.suppress(OSError):
-                    ns = os.readlink(f"/proc/{kid}/ns/net")
-                    if ns != os.readlink("/proc/self/ns/net"):  # not yet in its own
-                        self.netns_inodes.add(ns)
+                else:
+                    found["netns"] = kid  # started by pasta (the fallback)
+        if "netns" in found:
+            with contextlib.suppress(OSError):
+                ns = os.readlink(f"/proc/{found['netns']}/ns/net")
+                if ns != os.readlink("/proc/self/ns/net"):  # not yet in its own
+                    self.netns_inodes.add(ns)
         if "netns" in found:
             for kid in children(found["netns"]):
                 if comm(kid) == "bwrap":
@@ -306,6 +312,7 @@ MID = [
     ("proxy", CMD_EXIT),  # restarted; the command goes on
     ("netns", 125),
     ("pasta", 125),  # or 7: a SIGKILLed pasta takes 12-40 ms to die, the command may finish first
+    ("holder", 125),  # pasta's command: pasta exits with it (or 7, as for pasta)
     ("jail", 128 + 9),
     ("command", 128 + 9),
 ]
@@ -326,7 +333,7 @@ def test_kill_mid_connection(sandbox, up, target, status):
     acts = actions(events)
     assert acts[0] == "session-started" and acts[-1] == "session-ended", acts
     ended = events[-1]
-    if target == "pasta" and rc == CMD_EXIT:
+    if target in ("pasta", "holder") and rc == CMD_EXIT:
         status = CMD_EXIT
     assert ended["process"]["exit_code"] == rc == status, (rc, errors_of(lines), acts)
     if target == "proxy":
@@ -348,7 +355,7 @@ def test_kill_mid_connection(sandbox, up, target, status):
 # Hole A, fixed in 7d31f21: pasta SIGKILLed during namespace setup left its forked child
 # (same process group, reparented) holding pasta's stderr pipe, and Session._teardown
 # blocked for ever in a blocking read() of it (1 run in 3 to 6).
-STARTUP = ["pasta-probe", "pasta", "verifier", "netns", "proxy", "jail"]
+STARTUP = ["pasta-probe", "pasta", "holder", "verifier", "netns", "proxy", "jail"]
 
 
 @pytest.mark.parametrize("target", STARTUP)
@@ -433,7 +440,7 @@ def test_kill_of_pastas_setup_child_ends_the_session(sandbox, up, tmp_path):
     s.assert_nothing_left()
 
 
-SHUTDOWN = ["proxy", "netns", "pasta"]
+SHUTDOWN = ["proxy", "netns", "pasta", "holder"]
 
 
 @pytest.mark.parametrize("target", SHUTDOWN)

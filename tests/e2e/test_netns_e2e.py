@@ -327,7 +327,7 @@ SANDBOX_SERVER = """
     def serve(s):
         s.settimeout(30)
         try:
-            c, a = s.accept(); c.sendall(b"inside"); c.close(); got.append(a[0])
+            c, a = s.accept(); got.append(a[0]); c.sendall(b"inside"); c.close()  # noted first
         except OSError:
             pass
     for s in socks:

@@ -174,3 +174,22 @@ def test_a_program_installed_outside_home_and_the_system_dirs_runs(sandbox):
     assert "tool-ok" in r.stdout and "tool data" in r.stdout
     started = next(e for e in r.audit() if e["event"]["action"] == "session-started")
     assert f"{prefix}:ro" in started["agentpen"]["mounts"]
+
+
+@pytest.mark.parametrize("how", ["forked", "exec"])
+def test_both_ways_of_starting_the_netns_worker_verify_and_run(sandbox, how):
+    """Forked from the supervisor into pasta's namespaces (the default: the rtnetlink
+    gate, then pyroute2's cross-check), or started by pasta as a new interpreter (the
+    fallback: pyroute2 is the gate). Same namespace, same checks, same result."""
+    env = sandbox.env(**({"AGENTPEN_NETNS_WORKER": "exec"} if how == "exec" else {}))
+    r = sandbox.run("--", "sh", "-c", "sleep 1; echo ok", env=env)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+    steps = {e["agentpen"]["step"]: e for e in r.audit() if e["event"]["action"] == "setup-step"}
+    assert steps["netns-verified"]["agentpen"]["checked_by"] == ("rtnetlink" if how == "forked"
+                                                                else "pyroute2")
+    assert steps["netns-verified"]["agentpen"]["network"]["closed"] is True
+    if how == "forked":  # pyroute2 confirmed within the command's second
+        assert steps["netns-cross-checked"]["agentpen"]["completed"] is True, steps
+        assert steps["netns-cross-checked"]["event"]["outcome"] == "success"
+    else:
+        assert "netns-cross-checked" not in steps

@@ -281,6 +281,11 @@ def serve_remote_verifier(fd: int) -> None:
     import socket
 
     sock = socket.socket(fileno=fd)
+    # Lowest priority: pyroute2's import (120-300 ms of CPU) must not take a core from
+    # the supervisor, the worker or the command's start while they need one; it
+    # confirms the rtnetlink gate after the command has started (CrossCheck).
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, 0, 19)
     with contextlib.suppress(ImportError):  # reported by the dump below: fail closed
         import pyroute2  # noqa: F401  # the cost we are here to pay early
     try:
@@ -316,8 +321,76 @@ def _wait_text(status: int) -> str:
     return f"status {os.WEXITSTATUS(status)}"
 
 
-def setup(ch: Channel, policy: SessionPolicy, verifier: Verifier | RemoteVerifier | None = None):
-    """Steps 2-4. Returns the DNS server (already holding its sockets)."""
+class CrossCheck:
+    """pyroute2's reading of the namespace, after the rtnetlink gate (``setup`` with
+    ``crosscheck``): the supervisor's verifier has been importing pyroute2 since pasta
+    started, gets the netlink socket when the gate has passed, and answers while the
+    command starts. Its state must equal the gate's; anything else (another state, an
+    error, garbage) ends the sandbox (``serve`` kills the jail and reports the failure).
+    No answer before the command exits is reported as such."""
+
+    def __init__(self, verifier: RemoteVerifier, gate: dict) -> None:
+        self.sock, verifier.sock = verifier.sock, None  # ours now: read in serve()
+        self.gate = json.dumps(gate, sort_keys=True)
+        self.data = b""
+        self.t0 = time.monotonic()
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def on_readable(self) -> dict | None:
+        """The confirmation event once the answer is complete; _Fatal on disagreement."""
+        try:
+            chunk = self.sock.recv(65536)
+        except OSError as exc:
+            self.close()
+            raise _Fatal(f"the pyroute2 cross-check could not be read: {exc}") from None
+        if chunk:
+            self.data += chunk
+            if len(self.data) > 1 << 20:
+                self.close()
+                raise _Fatal("the pyroute2 cross-check sent an oversized answer")
+            return None
+        self.close()
+        from agentpen.core.events import make_event
+
+        state = _verifier_result(self.data)
+        if json.dumps(state, sort_keys=True) != self.gate:
+            raise _Fatal("pyroute2 and the rtnetlink gate disagree about the sandbox namespace: "
+                         f"gate {self.gate[:300]}, pyroute2 {json.dumps(state, sort_keys=True)[:300]}")
+        return make_event(
+            "setup-step", "pyroute2 cross-check agrees: nothing but loopback", category=["configuration"],
+            type=["info"], outcome="success", event={"duration": int((time.monotonic() - self.t0) * 1e9)},
+            agentpen={"step": "netns-cross-checked", "completed": True, "checked_by": "pyroute2"},
+        )
+
+    def incomplete(self) -> dict:
+        from agentpen.core.events import make_event
+
+        self.close()
+        return make_event(
+            "setup-step", "pyroute2 cross-check not completed: the command ended first (the "
+            "rtnetlink gate had verified the namespace)", category=["configuration"], type=["info"],
+            outcome="unknown", agentpen={"step": "netns-cross-checked", "completed": False,
+                                         "checked_by": "pyroute2"},
+        )
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+def setup(ch: Channel, policy: SessionPolicy, verifier: Verifier | RemoteVerifier | None = None, *,
+          fresh_proc: bool = True, crosscheck: bool = False):
+    """Steps 2-4. Returns (the DNS server, already holding its sockets; the verified state).
+
+    ``fresh_proc``: started by pasta, in pasta's pid namespace, which needs a /proc of
+    its own (a worker that joined pasta's namespaces from outside stays in the host's
+    pid namespace, whose /proc is already right). ``crosscheck`` (a RemoteVerifier):
+    the gate is the stdlib rtnetlink dump (``rtnl.py``, tested to agree exactly with
+    pyroute2) and pyroute2 confirms it while the command starts (``CrossCheck``); else
+    pyroute2 is the gate."""
     from agentpen.workers.netns import fds, listeners, nftables, verify
     from agentpen.workers.netns.dns import DnsServer
     from agentpen.workers.netns.errors import NetnsSetupError
@@ -325,12 +398,23 @@ def setup(ch: Channel, policy: SessionPolicy, verifier: Verifier | RemoteVerifie
 
     try:
         t = time.monotonic()
-        osutil.mount_fresh_proc()
+        if fresh_proc:
+            osutil.mount_fresh_proc()
         nft_state = nftables.load_and_verify(policy)
         _step(ch, "nftables", "nftables ruleset loaded and read back", t, nftables=nft_state)
 
         t = time.monotonic()
-        if verifier is None:
+        checked_by = "pyroute2"
+        if crosscheck and verifier is not None:
+            # The gate, in this process: pyroute2's import (120-300 ms of CPU) would
+            # otherwise be the longest wait before the command's first instruction.
+            net_state = verify.verify_closed_namespace(backend="stdlib")
+            checked_by = "rtnetlink"
+            verifier.dump()  # pyroute2 reads the same namespace now: CrossCheck in serve()
+            from agentpen.workers.jail import launch
+
+            launch.seccomp.build_seccomp_program()
+        elif verifier is None:
             net_state = verify.verify_closed_namespace()
             from agentpen.workers.jail import launch
 
@@ -344,7 +428,7 @@ def setup(ch: Channel, policy: SessionPolicy, verifier: Verifier | RemoteVerifie
             launch.seccomp.build_seccomp_program()
             net_state = verifier.result()
         _step(ch, "netns-verified", "namespace verified: nothing but loopback", t,
-              network=net_state)
+              network=net_state, checked_by=checked_by)
 
         t = time.monotonic()
         socks = listeners.create_proxy_listeners(port=policy.proxy_port)
@@ -363,7 +447,12 @@ def setup(ch: Channel, policy: SessionPolicy, verifier: Verifier | RemoteVerifie
     # Nothing from the host's network namespace may reach the jail (pasta 2023 leaks
     # its --publish listener into its child).
     try:
-        fds.assert_no_foreign_sockets(frozenset({ch.fileno()}))
+        # (The cross-check's socket is the host's too, by design: a unix socket to the
+        # supervisor's verifier. Neither reaches the jail: it closes every descriptor.)
+        expected = {ch.fileno()}
+        if crosscheck and isinstance(verifier, RemoteVerifier) and verifier.sock is not None:
+            expected.add(verifier.sock.fileno())
+        fds.assert_no_foreign_sockets(frozenset(expected))
     except NetnsSetupError as exc:
         raise _Fatal(exc.what, exc.how_to_fix) from None
     t = time.monotonic()
@@ -377,7 +466,7 @@ def setup(ch: Channel, policy: SessionPolicy, verifier: Verifier | RemoteVerifie
     _step(ch, "capabilities-dropped", "netns worker dropped every capability", t,
           capabilities={k: f"{v:016x}" for k, v in caps.items()})
     ch.send(MsgType.STATUS, {"state": "verified", "network": net_state, "nftables": nft_state})
-    return dns
+    return dns, net_state
 
 
 def start_jail(policy: SessionPolicy, stdio: list[int], covers: list) -> tuple[int, int]:
@@ -407,9 +496,11 @@ def start_jail(policy: SessionPolicy, stdio: list[int], covers: list) -> tuple[i
     return pid, r
 
 
-def serve(ch: Channel, dns, jail_pid: int, status_r: int) -> None:
+def serve(ch: Channel, dns, jail_pid: int, status_r: int, cross: CrossCheck | None = None) -> None:
     """Step 6: until the jail exits."""
     sel = selectors.DefaultSelector()
+    if cross is not None:
+        sel.register(cross.fileno(), selectors.EVENT_READ, "cross-check")
     pidfd = os.pidfd_open(jail_pid)
     sel.register(pidfd, selectors.EVENT_READ, "jail-exit")
     sel.register(status_r, selectors.EVENT_READ, "status")
@@ -424,6 +515,18 @@ def serve(ch: Channel, dns, jail_pid: int, status_r: int) -> None:
             if what == "dns":
                 for body in dns.handle_readable(key.fd):
                     ch.send(MsgType.EVENT, body)
+            elif what == "cross-check":
+                assert cross is not None
+                try:
+                    confirmed = cross.on_readable()
+                except _Fatal as exc:  # fail closed: the sandbox ends now
+                    sel.unregister(key.fd)
+                    ch.send(MsgType.STATUS, {"state": "failed", "error": exc.what, "fix": exc.fix})
+                    os.kill(jail_pid, signal.SIGKILL)
+                    continue
+                if confirmed is not None:
+                    sel.unregister(key.fd)
+                    ch.send(MsgType.EVENT, confirmed)
             elif what == "status":
                 chunk = os.read(status_r, 65536)
                 if not chunk:
@@ -443,6 +546,8 @@ def serve(ch: Channel, dns, jail_pid: int, status_r: int) -> None:
                 if msg.type == MsgType.CONTROL and msg.body.get("op") == "shutdown":
                     os.kill(jail_pid, signal.SIGKILL)
             elif what == "jail-exit":
+                if cross is not None and cross.sock is not None:
+                    ch.send(MsgType.EVENT, cross.incomplete())
                 ch.send(MsgType.EVENT, dns.audit.summary())
                 _, status = os.waitpid(jail_pid, 0)
                 # drain what bwrap wrote last (its exit-code line)
@@ -484,6 +589,8 @@ def _relay_status(ch: Channel, line: bytes) -> str | None:
 
 
 def main(argv: list[str]) -> int:
+    """Started by pasta as its command (``python -m agentpen.workers.netns``): the path
+    when the supervisor could not fork the worker itself (see supervisor/workers.py)."""
     if len(argv) not in (4, 6) or argv[0] != "--channel-fd" or argv[2] != "--stdio" or (
             len(argv) == 6 and argv[4] != "--verifier-fd"):
         print("usage: python -m agentpen.workers.netns --channel-fd N --stdio I,O,E "
@@ -507,26 +614,101 @@ def main(argv: list[str]) -> int:
     # Die with pasta (and pasta dies with the supervisor): nothing outlives a session.
     osutil.set_pdeathsig(signal.SIGKILL, expected_parent=os.getppid())
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    return run(Channel.from_fd(channel_fd), stdio, verifier, fresh_proc=True)
+
+
+def forked_main(channel_fd: int, stdio: list[int], verifier_fd: int, holder_fd: int,
+                pasta_pid: int, parent: int, env: dict[str, str]) -> int:
+    """The worker forked by the supervisor (supervisor/workers.py): it starts in the
+    supervisor's namespaces, as a copy of it, and makes itself the worker pasta would
+    have started: then it joins pasta's user and network namespaces (workers/netns/join.py).
+
+    Same order, same checks, same messages as ``main`` from HELLO on. The caller runs
+    this in the child right after fork and ``os._exit``s with its result."""
+    # Die with the supervisor; be in pasta's process group, which is what the guardian
+    # and NetnsWorker.kill() take down (and no terminal signal reaches it).
+    from agentpen.core import osutil as os_util
+
+    os_util.set_pdeathsig(signal.SIGKILL, expected_parent=parent)
+    with contextlib.suppress(OSError):
+        os.setpgid(0, pasta_pid)
+    # A fresh process's signal state: the supervisor blocks signals for its signalfd.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
+                signal.SIGTTOU, signal.SIGPIPE):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    # Nothing of the supervisor's environment (the user's: tokens, keys) stays in ours.
+    os.environ.clear()
+    os.environ.update(env)
+    os_util.close_fds_except({channel_fd, *stdio, holder_fd, verifier_fd})
+    with contextlib.suppress(OSError):
+        os_util.set_name(b"agentpen-netns")
+    import socket
+
+    from agentpen.workers.netns import join
+
+    # Never a Verifier of our own here: forked before the join, it would read the host's
+    # namespace. The supervisor forks the worker only with its verifier ready.
+    verifier = RemoteVerifier(verifier_fd)
+    _load()
+    # While pasta builds the namespace: every module the setup and the jail need.
+    from agentpen.workers.jail import launch  # noqa: F401
+    from agentpen.workers.netns import dns, fds, listeners, nftables, verify  # noqa: F401
+    from agentpen.workers.proxy import allowlist  # noqa: F401
+
     ch = Channel.from_fd(channel_fd)
+    holder_sock = socket.socket(fileno=holder_fd)
+    try:
+        join.join(join.read_holder(holder_sock, SETUP_TIMEOUT), pasta_pid)
+    except Exception as exc:
+        verifier.abandon()
+        what = getattr(exc, "what", None) or f"{type(exc).__name__}: {exc}"
+        ch.send(MsgType.HELLO, {"role": "netns", "pid": os.getpid(), "proto": 1})
+        ch.send(MsgType.STATUS, {"state": "failed", "error": what, "fix": getattr(exc, "how_to_fix", None)})
+        return 1
+    finally:
+        holder_sock.close()  # the supervisor's copy alone keeps the holder (and pasta) up
+    return run(ch, stdio, verifier, fresh_proc=False)
+
+
+# How long a forked worker waits for pasta's namespace (the session's own setup limit).
+SETUP_TIMEOUT = 30.0
+
+
+def run(ch: Channel, stdio: list[int], verifier: Verifier | RemoteVerifier, *, fresh_proc: bool) -> int:
+    """Steps 1-6, from HELLO to the command's exit (both ways of starting)."""
     ch.send(MsgType.HELLO, {"role": "netns", "pid": os.getpid(), "proto": 1})
     try:
         config = _wait_for(ch, MsgType.CONFIG)
         policy = SessionPolicy.from_json(config["policy"])
-        from agentpen.workers.jail.protect import Cover
-
-        covers = [Cover(c["path"], c["kind"], c["rel"], c["data"].encode(), c.get("source", ""))
-                  for c in config["covers"]]
+        # A worker that joined pasta's namespaces has the supervisor's verifier (no
+        # capability in the namespace): it may confirm after the gate (CrossCheck).
+        crosscheck = isinstance(verifier, RemoteVerifier) and not fresh_proc
+        cross = None
         try:
             # Builds the seccomp program once while the verifier dumps: the jail's
             # imports and libseccomp's first load are paid before "verified", not
             # after "go" (they would gate the command's first instruction).
-            dns = setup(ch, policy, verifier)
+            dns, net_state = setup(ch, policy, verifier, fresh_proc=fresh_proc, crosscheck=crosscheck)
+            if crosscheck:
+                cross = CrossCheck(verifier, net_state)  # type: ignore[arg-type]
         finally:
             verifier.abandon()  # reaped already on success; never outlives setup
         body = _wait_for(ch, MsgType.CONTROL)
         if body.get("op") != "go":
             raise _Fatal(f"unexpected instruction {body.get('op')!r}")
-        jail_pid, status_r = start_jail(policy, stdio, covers)
+        from agentpen.workers.jail.protect import Cover
+
+        # The persistence covers come with "go": the supervisor computes them while we
+        # set the namespace up (the CONFIG that starts us is sent before that).
+        covers = [Cover(c["path"], c["kind"], c["rel"], c["data"].encode(), c.get("source", ""))
+                  for c in body.get("covers", [])]
+        # ... and the policy as the supervisor finally resolved it (a paranoid session's
+        # throwaway project, rlimits): what the namespace was set up for must not change.
+        final = SessionPolicy.from_json(body["policy"]) if "policy" in body else policy
+        if final.network_view() != policy.network_view():
+            raise _Fatal("the session's network policy changed after the namespace was set up")
+        jail_pid, status_r = start_jail(final, stdio, covers)
         # From here on this worker only parses DNS queries from the sandbox and relays
         # status: no exec, no namespaces, no ptrace (core.confine's table).
         from agentpen.core.confine import confine
@@ -538,12 +720,10 @@ def main(argv: list[str]) -> int:
             category=["configuration"], type=["change"], outcome="success",
             agentpen={"step": "netns-confined", "seccomp_denied": len(denied)},
         ))
-        serve(ch, dns, jail_pid, status_r)
+        serve(ch, dns, jail_pid, status_r, cross)
         # Everything is reported and nothing is buffered: skip the interpreter's
         # teardown (tens of ms of module and GC finalisation that pasta, and so the
         # session's end, would wait for).
-        sys.stdout.flush()
-        sys.stderr.flush()
         os._exit(0)
     except _Fatal as exc:
         ch.send(MsgType.STATUS, {"state": "failed", "error": exc.what, "fix": exc.fix})
