@@ -428,8 +428,10 @@ _ERR = select.EPOLLERR
 _READABLE = _IN | _RDHUP | _HUP | _ERR  # something to read: data, EOF or an error
 _ENDED = _RDHUP | _HUP | _ERR  # ... and reading until EOF/error is due even after a short read
 _ET = select.EPOLLET
-CLIENT_EVENTS = _IN | _RDHUP | _ET  # EPOLLOUT added only once a write to the client waited
-UPSTREAM_EVENTS = _IN | _OUT | _RDHUP | _ET  # EPOLLOUT also tells a connect() is done
+# EPOLLOUT only while needed: for a connect() to complete, or once a write waited. Kept in
+# the mask, every state change (our own FIN acknowledged, ...) would wake the loop.
+CLIENT_EVENTS = _IN | _RDHUP | _ET
+UPSTREAM_EVENTS = CLIENT_EVENTS | _OUT
 _DONTWAIT = socket.MSG_DONTWAIT  # accepted sockets stay in blocking mode: no fcntl per accept
 HELLO_READ = 64 * 1024 + 5  # a ClientHello is at most 64 KiB (the parser's bound) + a header
 CHUNK = 256 * 1024  # one read; also the most a direction holds in userspace (backpressure)
@@ -553,10 +555,7 @@ class Connection:
             c.wr = True
         phase = self.phase
         if phase == SPLICE:
-            if ev & _ERR and c.eof:  # reset after its FIN: no read would report it
-                self._reset(c)
-            else:
-                self._pump()
+            self._moved(c, self.u, ev)
         elif phase == HELLO:
             self._read_hello()
         # otherwise the client waits (not read) until the upstream is ready
@@ -571,10 +570,7 @@ class Connection:
             u.wr = True
         phase = self.phase
         if phase == SPLICE:
-            if ev & _ERR and u.eof:  # reset after its FIN: no read would report it
-                self._reset(u)
-            else:
-                self._pump()
+            self._moved(u, self.c, ev)
         elif phase == DIALLING:
             if ev & _ERR:
                 assert u.sock is not None
@@ -831,6 +827,8 @@ class Connection:
 
     def _splice(self) -> None:
         self.phase = SPLICE
+        # Connected: EPOLLOUT again only if a write has to wait. MOD reports pending input.
+        self.proxy.ep.modify(self.u.fd, CLIENT_EVENTS)
         self.up_ip, self.up_port = self.dial_ip, self.dial_port
         data = b"".join(self.peeked)  # the hello (and anything sent with it) first
         self.peeked.clear()
@@ -851,6 +849,19 @@ class Connection:
         if not self._flow(c, u) or not self._flow(u, c):
             return
         if c.eof and u.eof and c.shut and u.shut:
+            self._close("both sides closed")
+
+    def _moved(self, side: _Side, other: _Side, ev: int) -> None:
+        """An event on `side` while splicing: only the directions it can unblock."""
+        if ev & _ERR and side.eof:  # reset after its FIN: no read would report it
+            self._reset(side)
+            return
+        self.last = self.loop.time()
+        if ev & _OUT and side.pend and not self._flow(other, side):
+            return
+        if side.rd and not self._flow(side, other):
+            return
+        if side.eof and other.eof and side.shut and other.shut:
             self._close("both sides closed")
 
     def _flow(self, src: _Side, dst: _Side) -> bool:
@@ -916,7 +927,7 @@ class Connection:
         return False
 
     def _watch_out(self, side: _Side) -> None:
-        if not side.watch_out and side is self.c:  # the upstream is registered with EPOLLOUT
+        if not side.watch_out:
             side.watch_out = True
             self.proxy.ep.modify(side.fd, CLIENT_EVENTS | _OUT)  # reports it if writable now
 
