@@ -738,3 +738,18 @@ def test_no_ack_times_out_and_closes() -> None:
         assert 0.4 < time.monotonic() - t0 < 5
         assert up.accepted == 0
     up.close()
+
+
+def test_channel_encoding_is_json_dumps() -> None:
+    """The worker's events go through channel.encode()'s reused C encoder: the same bytes
+    as json.dumps() with the channel's options, for every kind of value."""
+    import json
+
+    from agentpen.core.channel import encode
+
+    body = {"action": "x", "s": "ünï\u0000code\u2028\"\\\n", "n": [0, -5, 2**70, 1.5, None, True],
+            "nested": {"a": {"b": [], "c": {}}, "inf": float("inf")}}
+    packet, _, _ = encode(MsgType.EVENT, body)
+    assert packet[4:] == json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    with pytest.raises(TypeError):
+        encode(MsgType.EVENT, {"a": object()})

@@ -539,7 +539,11 @@ class Connection:
             return
         # TCP_NODELAY: inherited from the listener, set once in serve() (Linux copies it to
         # accepted sockets; test_accepted_sockets_inherit_nodelay guards that).
-        p.ep.register(c.fd, CLIENT_EVENTS)
+        try:
+            p.ep.register(c.fd, CLIENT_EVENTS)
+        except OSError as exc:  # ENOMEM, or max_user_watches reached
+            self._close(f"cannot watch the connection: {exc}")
+            return
         p.fdmap[c.fd] = self._on_client
         self._arm(loop.time() + p.limits.hello_timeout)
 
@@ -792,6 +796,8 @@ class Connection:
             try:
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 err = s.connect_ex((ip, port))
+                if not err or err == errno.EINPROGRESS:
+                    p.ep.register(s.fileno(), UPSTREAM_EVENTS)
             except OSError as exc:
                 err = exc.errno or errno.EINVAL
             if err and err != errno.EINPROGRESS:
@@ -801,7 +807,6 @@ class Connection:
             u = self.u
             u.sock = s
             u.fd = s.fileno()
-            p.ep.register(u.fd, UPSTREAM_EVENTS)
             p.fdmap[u.fd] = self._on_upstream
             self.dial_ip, self.dial_port = ip, port
             self.phase = DIALLING
