@@ -907,6 +907,9 @@ class Connection:
                     break
         if src.eof and not dst.pend and not dst.shut:
             dst.shut = True
+            if dst.eof and src.shut:  # the last FIN to pass on: close() sends it (both
+                self._close("both sides closed")  # sockets were read to EOF: no RST)
+                return False
             if dst.sock is not None:
                 with contextlib.suppress(OSError):  # the peer may be gone already
                     dst.sock.shutdown(socket.SHUT_WR)
