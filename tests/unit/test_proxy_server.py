@@ -753,3 +753,90 @@ def test_channel_encoding_is_json_dumps() -> None:
     assert packet[4:] == json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
     with pytest.raises(TypeError):
         encode(MsgType.EVENT, {"a": object()})
+
+
+def test_connection_events_match_make_event() -> None:
+    """The per-connection events are built as literals; they must be exactly what
+    make_event() (the shape every other event has) gives for the same fields, key
+    order included, in every variant."""
+    import itertools
+    import json
+    from types import SimpleNamespace
+
+    from agentpen.core.events import make_event
+    from agentpen.workers.proxy.clienthello import ClientHello
+    from agentpen.workers.proxy.server import Connection, _Side
+
+    def fields(c: Any) -> dict[str, Any]:  # the worker's _fields(), as it was
+        h = c.hello
+        name = h.server_name if h else None
+        f: dict[str, Any] = {"source": c.source or None,
+                             "destination": {"port": c.proxy.limits.upstream_port},
+                             "agentpen": {"connection_id": c.cid, "incarnation": c.proxy.incarnation}}
+        if name:
+            f["destination"]["domain"] = name
+        if h is not None:
+            f["tls"] = {"client": {"server_name": name}} if name else None
+            f["agentpen"]["ech"] = h.ech
+            if h.alpn:
+                f["agentpen"]["alpn"] = list(h.alpn)
+        if c.rule:
+            f["rule"] = {"name": c.rule}
+        return f
+
+    def allowed_ref(c: Any, name: str, pin: Any, would_block: bool) -> dict[str, Any]:
+        f = fields(c)
+        f["agentpen"].update(upstream_pinned=pin is not None, would_block=would_block)
+        if pin is not None:
+            f["destination"].update(ip=pin.addr, port=pin.port)
+        msg = (f"would block {name} (learn mode): allowed" if would_block
+               else f"allowed {name} by {c.rule}")
+        return make_event("connection-allowed", msg, level="warning" if would_block else "info",
+                          category=["network"], type=["connection", "allowed", "start"],
+                          outcome="success", reason="learn mode" if would_block else None, **f)
+
+    def closed_ref(c: Any, duration: int) -> dict[str, Any]:
+        f = fields(c)
+        f["source"] = {**(c.source or {}), "bytes": c.c.nbytes}
+        f["destination"]["bytes"] = c.u.nbytes
+        if c.up_ip:
+            f["destination"].update(ip=c.up_ip, port=c.up_port)
+        f["agentpen"]["upstream_pinned"] = c.pinned
+        f["agentpen"]["close_reason"] = c.close_reason
+        failed = c.up_ip is None
+        name = c.hello.server_name if c.hello else None
+        return make_event(
+            "connection-closed",
+            f"{name}: {'upstream error: ' + c.error if c.error else c.close_reason}",
+            level="error" if failed else "info", category=["network"],
+            type=["connection", "end"], outcome="failure" if failed else "success",
+            event={"duration": duration}, error={"message": c.error} if c.error else None, **f)
+
+    proxy = SimpleNamespace(incarnation=3, limits=Limits())
+    pin = Upstream("api.example.com", "127.0.0.2", 8443)
+    n = 0
+    for alpn, ech, source, learn, pinned, up_ip, error in itertools.product(
+            [(), ("h2", 'x"\\y')], [False, True], [{}, {"ip": "10.0.0.2", "port": 4711}],
+            [False, True], [False, True], [None, "127.0.0.2"], [None, "boom"]):
+        c = Connection.__new__(Connection)
+        c.proxy = proxy  # type: ignore[assignment]
+        c.cid = "3-7"
+        c.hello = ClientHello(server_name="api.example.com", ech=ech, alpn=alpn, legacy_version=0x303,
+                              handshake_length=100, records=1, consumed=105)
+        c.rule = None if learn else "*.example.com"
+        c.source = source
+        c.pinned = pinned
+        c.c, c.u = _Side(), _Side()
+        c.c.nbytes, c.u.nbytes = 517, 4242
+        c.up_ip, c.up_port = up_ip, 8443 if up_ip else 0
+        c.error = error
+        c.close_reason = "both sides closed"
+        c.t0 = time.monotonic_ns()
+        got = c._allowed_event("api.example.com", pin if pinned else None, learn)
+        want = allowed_ref(c, "api.example.com", pin if pinned else None, learn)
+        assert json.dumps(got) == json.dumps(want)
+        got = c._closed_event()
+        want = closed_ref(c, got["event"]["duration"])
+        assert json.dumps(got) == json.dumps(want)
+        n += 1
+    assert n == 128

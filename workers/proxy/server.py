@@ -714,17 +714,8 @@ class Connection:
             return
         pin = p.pins.get(name)
         self.pinned = pin is not None
-        f = self._fields()
-        f["agentpen"].update(upstream_pinned=self.pinned, would_block=would_block)
-        if pin is not None:
-            f["destination"].update(ip=pin.addr, port=pin.port)
-        msg = (f"would block {name} (learn mode): allowed" if would_block
-               else f"allowed {name} by {self.rule}")
         self.phase = DECIDING  # the client is not read until the upstream is ready
-        if not p.decision(make_event(
-                "connection-allowed", msg, level="warning" if would_block else "info",
-                category=["network"], type=["connection", "allowed", "start"], outcome="success",
-                reason="learn mode" if would_block else None, **f), self):
+        if not p.decision(self._allowed_event(name, pin, would_block), self):
             self._close("decision not recorded by the supervisor")  # channel congested
             return
         # Queued means the supervisor may record it even if we never read its ACK (a
@@ -989,19 +980,79 @@ class Connection:
             self._summary()
 
     def _summary(self) -> None:
-        f = self._fields()
-        f["source"] = {**(self.source or {}), "bytes": self.c.nbytes}
-        f["destination"]["bytes"] = self.u.nbytes
-        if self.up_ip:
-            f["destination"].update(ip=self.up_ip, port=self.up_port)
-        f["agentpen"]["upstream_pinned"] = self.pinned
-        f["agentpen"]["close_reason"] = self.close_reason
+        self.proxy.event(self._closed_event())
+
+    # The two events every allowed connection sends, in exactly the shape make_event()
+    # gives them (plus _fields()), built as literals: they are on the per-connection path.
+    # test_connection_events_match_make_event holds them to that shape.
+
+    def _allowed_event(self, name: str, pin: Any, would_block: bool) -> dict[str, Any]:
+        h = self.hello
+        assert h is not None
+        p = self.proxy
+        event: dict[str, Any] = {"kind": "event", "category": ["network"],
+                                 "type": ["connection", "allowed", "start"], "outcome": "success"}
+        if would_block:
+            event["reason"] = "learn mode"
+            msg = f"would block {name} (learn mode): allowed"
+        else:
+            msg = f"allowed {name} by {self.rule}"
+        body: dict[str, Any] = {"action": "connection-allowed",
+                                "level": "warning" if would_block else "info",
+                                "message": msg, "event": event}
+        if self.source:
+            body["source"] = self.source
+        dest: dict[str, Any] = {"port": p.limits.upstream_port, "domain": name}
+        if pin is not None:
+            dest["ip"] = pin.addr
+            dest["port"] = pin.port
+        body["destination"] = dest
+        agentpen: dict[str, Any] = {"connection_id": self.cid, "incarnation": p.incarnation,
+                                    "ech": h.ech}
+        if h.alpn:
+            agentpen["alpn"] = list(h.alpn)
+        agentpen["upstream_pinned"] = pin is not None
+        agentpen["would_block"] = would_block
+        body["agentpen"] = agentpen
+        body["tls"] = {"client": {"server_name": name}}
+        if self.rule:
+            body["rule"] = {"name": self.rule}
+        return body
+
+    def _closed_event(self) -> dict[str, Any]:
+        h = self.hello
+        p = self.proxy
+        name = h.server_name if h else None
         failed = self.up_ip is None
-        name = self.hello.server_name if self.hello else None
-        self.proxy.event(make_event(
-            "connection-closed",
-            f"{name}: {'upstream error: ' + self.error if self.error else self.close_reason}",
-            level="error" if failed else "info", category=["network"],
-            type=["connection", "end"], outcome="failure" if failed else "success",
-            event={"duration": time.monotonic_ns() - self.t0},
-            error={"message": self.error} if self.error else None, **f))
+        body: dict[str, Any] = {
+            "action": "connection-closed",
+            "level": "error" if failed else "info",
+            "message": f"{name}: {'upstream error: ' + self.error if self.error else self.close_reason}",
+            "event": {"kind": "event", "category": ["network"], "type": ["connection", "end"],
+                      "outcome": "failure" if failed else "success",
+                      "duration": time.monotonic_ns() - self.t0},
+        }
+        if self.error:
+            body["error"] = {"message": self.error}
+        body["source"] = {**self.source, "bytes": self.c.nbytes}
+        dest: dict[str, Any] = {"port": p.limits.upstream_port}
+        if name:
+            dest["domain"] = name
+        dest["bytes"] = self.u.nbytes
+        if self.up_ip:
+            dest["ip"] = self.up_ip
+            dest["port"] = self.up_port
+        body["destination"] = dest
+        agentpen: dict[str, Any] = {"connection_id": self.cid, "incarnation": p.incarnation}
+        if h is not None:
+            agentpen["ech"] = h.ech
+            if h.alpn:
+                agentpen["alpn"] = list(h.alpn)
+        agentpen["upstream_pinned"] = self.pinned
+        agentpen["close_reason"] = self.close_reason
+        body["agentpen"] = agentpen
+        if name:
+            body["tls"] = {"client": {"server_name": name}}
+        if self.rule:
+            body["rule"] = {"name": self.rule}
+        return body
