@@ -42,6 +42,18 @@ class Publish:
 
 
 @dataclass(frozen=True)
+class Doors:
+    """What pasta's command line depends on: the opt-in doors and agentpen's own sandbox
+    ports (that no door may take). Known from the options before the policy is resolved,
+    so that pasta can start first (supervisor/cli.py)."""
+
+    publish: tuple[Publish, ...] = ()
+    host_ports: tuple[int, ...] = ()
+    proxy_port: int = 443
+    dns_port: int = 53
+
+
+@dataclass(frozen=True)
 class SessionPolicy:
     session_id: str
     profile: Profile
@@ -74,6 +86,9 @@ class SessionPolicy:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    def doors(self) -> Doors:
+        return Doors(tuple(self.publish), tuple(self.host_ports), self.proxy_port, self.dns_port)
 
     def network_view(self) -> tuple[Any, ...]:
         """What the netns worker sets the namespace up from (nft, listeners, DNS, the

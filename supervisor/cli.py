@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -19,10 +20,23 @@ def _fail(exc: AgentpenError, log=None) -> int:
     return exc.exit_status
 
 
+_SESSION_RAN = False  # _run finished a session: everything is written and closed
+
+
 def main(argv: list[str] | None = None) -> int:
+    as_program = argv is None
     argv = sys.argv[1:] if argv is None else argv
     try:
-        return _main(argv)
+        status = _main(argv)
+        if as_program and _SESSION_RAN:
+            # Every record is on disk, every worker reaped, the guardian released: skip
+            # the interpreter's teardown (module and GC finalisation, a preload thread
+            # still importing), which only delays the exit the user is waiting for.
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            os._exit(status)
+        return status
     except AgentpenError as exc:
         return _fail(exc)
     except KeyboardInterrupt:
@@ -35,7 +49,32 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_AGENTPEN
 
 
+_SUBCOMMANDS = ("audit", "config", "completion", "man")
+_NOT_A_SESSION = ("-h", "--help", "--version", "--check")
+
+
+def _looks_like_a_session(argv: list[str]) -> bool:
+    """A cheap guess, before anything is imported: is pasta going to be needed? A wrong
+    guess costs two short-lived ``pasta --help/--version`` runs, nothing else."""
+    if argv[:1] and argv[0] in _SUBCOMMANDS:
+        return False
+    own = argv[:argv.index("--")] if "--" in argv else argv
+    return not any(a in _NOT_A_SESSION for a in own)
+
+
 def _main(argv: list[str]) -> int:
+    if _looks_like_a_session(argv):
+        from agentpen.workers.netns import pasta
+
+        pasta.start_probes()  # they run while we import and parse (issue 10)
+        try:
+            return _session_main(argv)
+        finally:
+            pasta.discard_probes()
+    return _session_main(argv)
+
+
+def _session_main(argv: list[str]) -> int:
     from agentpen.supervisor import options
 
     if argv[:2] == ["audit", "verify"]:
@@ -69,26 +108,29 @@ def _main(argv: list[str]) -> int:
         print(check.render(layers, as_json=opts.json, color=sys.stdout.isatty()))
         return 0 if all(x.ok for x in layers if x.required) else 1
 
-    from agentpen.supervisor import check
+    from agentpen.supervisor import check, paranoid
     from agentpen.supervisor.config import apply_config, load_config
-    from agentpen.supervisor.resolve import resolve_policy
+    from agentpen.supervisor.resolve import base_profile, doors_from
 
     cfg = load_config(os.environ)
     apply_config(opts, cfg, opts.explicit)
     check.preflight()
-    policy = resolve_policy(opts, os.environ, config=cfg)
-    from agentpen.supervisor import paranoid
-
     # Before the audit stream opens: a bad --memory/--wall-time is a usage error.
-    limits = paranoid.limits_from(opts, paranoid=policy.profile == "paranoid")
+    limits = paranoid.limits_from(opts, paranoid=base_profile(opts, cfg) == "paranoid")
 
     early = None
     if not (limits.memory or limits.max_procs):  # else pasta must start inside the session cgroup
-        # pasta first: its namespace setup (~40 ms) overlaps our imports and audit setup.
+        # pasta first, from the doors alone: its namespace setup (~30 ms) and the netns
+        # worker's overlap the policy's resolution, our imports and the audit setup.
         from agentpen.supervisor.session import start_pasta
 
-        early = start_pasta(policy)
+        early = start_pasta(doors_from(opts))
     try:
+        from agentpen.supervisor.resolve import resolve_policy
+
+        policy = resolve_policy(opts, os.environ, config=cfg)
+        if early is not None:
+            early.configure(policy)
         return _run(opts, cfg, policy, limits, early)
     finally:
         if early is not None and not early.handed_over:
@@ -100,7 +142,9 @@ def _run(opts, cfg, policy, limits, early) -> int:
     from agentpen.supervisor.audit import AuditStream, open_sinks, setup_console
     from agentpen.supervisor.resolve import state_dir
 
-    log = setup_console(opts.log_format, opts.log_level)
+    # Holding: info lines are printed once the command has started (structlog's import
+    # is then off its path); warnings and errors at once (supervisor/audit/console.py).
+    log = setup_console(opts.log_format, opts.log_level, hold=True)
     if opts.audit_log and opts.audit_log != "journald":
         _check_audit_not_visible(os.path.abspath(opts.audit_log), policy)
     sdir_state = state_dir(os.environ, policy.home)
@@ -191,7 +235,10 @@ def _run(opts, cfg, policy, limits, early) -> int:
         print(learn.summary(session.learned, policy.agent, cfg.path), file=sys.stderr)
     if session_dir is not None:
         paranoid.finish(policy, session_dir, opts, stream, log, start)
+    log.release()  # the command may never have started
     stream.close()
+    global _SESSION_RAN
+    _SESSION_RAN = True
     return status
 
 

@@ -10,7 +10,7 @@ import re
 import uuid
 from collections.abc import Mapping
 
-from agentpen.core.policy import Mount, Publish, SessionPolicy, Upstream
+from agentpen.core.policy import Doors, Mount, Publish, SessionPolicy, Upstream
 from agentpen.supervisor.config import Config, registry_extra
 from agentpen.supervisor.errors import (
     CommandNotExecutable,
@@ -65,6 +65,18 @@ def parse_publish(spec: str) -> Publish:
     return Publish(hp, _port(inner, f"--publish {spec!r}") if inner else hp)
 
 
+def base_profile(opts: Options, config: Config | None) -> str:
+    """The built-in profile a run is based on (a config profile names its base)."""
+    config = config or Config()
+    return config.base_profile(opts.profile) if opts.profile in config.profile_names() else opts.profile
+
+
+def doors_from(opts: Options) -> Doors:
+    """The doors alone, as resolve_policy() will set them: pasta starts from these."""
+    return Doors(publish=tuple(parse_publish(p) for p in opts.publish),
+                 host_ports=tuple(_port(p, "--host-port") for p in opts.host_port))
+
+
 def resolve_policy(opts: Options, env: Mapping[str, str], *, cwd: str | None = None,
                    config: Config | None = None, dry_run: bool = False) -> SessionPolicy:
     """`config`: the loaded config file (already merged into `opts` by apply_config;
@@ -81,12 +93,11 @@ def resolve_policy(opts: Options, env: Mapping[str, str], *, cwd: str | None = N
     sdir = state_dir(env, home)
 
     config = config or Config()
-    base_profile = config.base_profile(opts.profile) if opts.profile in config.profile_names() \
-        else opts.profile
-    if base_profile not in ("untrusted", "paranoid"):
+    profile = base_profile(opts, config)
+    if profile not in ("untrusted", "paranoid"):
         raise UsageError(f"--profile {opts.profile}: unknown profile "
                          f"(known: {', '.join(config.profile_names())})")
-    if base_profile != "paranoid":
+    if profile != "paranoid":
         for flag, given in (("--apply", opts.apply), ("--discard", opts.discard)):
             if given:
                 raise UsageError(f"{flag} only goes with --profile paranoid (or a profile based on it)")
@@ -228,7 +239,7 @@ def resolve_policy(opts: Options, env: Mapping[str, str], *, cwd: str | None = N
 
     return SessionPolicy(
         session_id=str(uuid.uuid4()),
-        profile=base_profile,  # type: ignore[arg-type]
+        profile=profile,  # type: ignore[arg-type]
         profile_name=opts.profile,
         learn=bool(opts.learn),
         agent=agent,

@@ -20,13 +20,15 @@ from typing import Any
 from agentpen.core import __version__
 from agentpen.core.channel import Channel, Message, MsgType, ProtocolError
 from agentpen.core.events import make_event
-from agentpen.core.policy import SessionPolicy
+from agentpen.core.policy import Doors, SessionPolicy
 from agentpen.supervisor.errors import EXIT_AGENTPEN, AgentpenError, SetupFailed
 from agentpen.supervisor.signals import SignalFd
 from agentpen.supervisor.workers import NetnsWorker, ProxySupervisor
 
 SETUP_TIMEOUT = 30.0  # from pasta's start to the command's start
 TEARDOWN_TIMEOUT = 5.0
+# The proxy's modules are preloaded for restarts once the command has run this long.
+PROXY_WARM_AFTER = 1.0
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 
@@ -74,10 +76,13 @@ class Session:
         self.command_started: float | None = None
         self.done = False
         self.pasta_log = None
-        self.pending_signal: int | None = None
+        self.pending_signal: tuple[int, int] | None = None  # (signo, sender) until the command's pid is known
         self.covers: list[Any] = []
         self.scratch_root: str | None = None  # private dirs behind scratch covers
         self.sandbox_gone = False  # the jail was reaped: no new connection can start
+        self.proxy_warmed = False  # the proxy's modules preloaded for a restart (warm())
+        self.pins: dict[str, int] = {}  # pidfds of the jail and the sandbox's init (_pin)
+        self.pasta_pidfd = -1
         self.go_ns: int | None = None
         self.guardian: Any = None
         # Learn mode: names contacted that the allowlist would have blocked (from the
@@ -205,6 +210,10 @@ class Session:
         self.sel.register(self.netns.channel.fileno(), selectors.EVENT_READ, ("netns", None))
         assert self.netns.pasta.stderr is not None
         self.sel.register(self.netns.pasta.stderr.fileno(), selectors.EVENT_READ, ("pasta-stderr", None))
+        # pasta's exit wakes the loop at once (its stderr may stay open in its holder).
+        with contextlib.suppress(OSError):
+            self.pasta_pidfd = os.pidfd_open(self.netns.pasta.pid)
+            self.sel.register(self.pasta_pidfd, selectors.EVENT_READ, ("pasta-exit", None))
 
     # -- loop ------------------------------------------------------------------------
 
@@ -219,6 +228,12 @@ class Session:
                 timeout = min(timeout, setup_deadline - now)
             if self.proxy and self.proxy.restart_at is not None:
                 timeout = min(timeout, max(0.0, self.proxy.restart_at - now))
+            if self.pending_signal is not None:
+                timeout = min(timeout, 0.01)  # until the command's pid is known
+            warm_at = None
+            if self.proxy and not self.proxy_warmed and self.command_started is not None:
+                warm_at = self.command_started + PROXY_WARM_AFTER
+                timeout = min(timeout, max(0.0, warm_at - now))
             deadline = self.audit.next_deadline()
             if deadline is not None:
                 timeout = min(timeout, max(0.0, deadline - now))
@@ -231,6 +246,12 @@ class Session:
                     self._on_netns_readable()
                 elif kind == "pasta-stderr":
                     self._on_pasta_stderr()
+                elif kind == "pasta-exit":
+                    self.sel.unregister(key.fd)
+                    os.close(self.pasta_pidfd)
+                    self.pasta_pidfd = -1
+                    if self.netns and self.netns.pasta.poll() is not None and not self.done:
+                        self._on_pasta_exit()
                 elif kind == "proxy":
                     self._on_proxy_readable(ref)
                 elif kind == "proxy-exit":
@@ -240,6 +261,12 @@ class Session:
             now = time.monotonic()
             if self.proxy and self.proxy.restart_at is not None and now >= self.proxy.restart_at:
                 self._start_proxy(restart=True)
+            if self.pending_signal is not None and not self.done and self._command_pid():
+                (signo, sender), self.pending_signal = self.pending_signal, None
+                self._on_signal(signo, sender)
+            if warm_at is not None and now >= warm_at and self.proxy:
+                self.proxy_warmed = True
+                self.proxy.warm()
             self.audit.tick(now)
             self._check_audit_health()
             if self.netns and self.netns.pasta.poll() is not None and not self.done:
@@ -256,6 +283,11 @@ class Session:
                 return
         name = signal.Signals(signo).name
         target = self._command_pid()
+        if target is None and self.go_ns is not None and not self.done:
+            # "go" is out: the command is starting, or started and its pid not read yet
+            # (the worker's messages may sit behind this signal). Held, then forwarded.
+            self.pending_signal = (signo, sender)
+            return
         self.emit(make_event(
             "signal-forwarded" if target else "signal-received",
             f"{name} from pid {sender} " + (f"forwarded to the command (pid {target})" if target
@@ -315,6 +347,9 @@ class Session:
             return True
         if msg.type == MsgType.EVENT:
             self.emit(msg.body, sender="netns", pid=msg.sender_pid)
+            fields = msg.body.get("agentpen")
+            if isinstance(fields, dict) and fields.get("step") == "netns-cross-checked":
+                self.netns.end_verifier()  # it has answered: reap it now, not at the end
         elif msg.type == MsgType.FDS:
             # Held from now on; the first proxy is forked once "go" is sent (see above).
             self.proxy = ProxySupervisor(msg.take_fds(), self.policy)
@@ -326,6 +361,8 @@ class Session:
     def _on_netns_status(self, body: dict[str, Any]) -> None:
         state = body.get("state")
         if state == "verified":
+            if self.outcome.error or self.done:
+                return  # the session is failing (pasta died, a signal, the audit): no "go"
             self.emit(make_event(
                 "sandbox-network-verified", "sandbox network verified: only loopback, proxy is the one door",
                 category=["network", "configuration"], type=["info"], outcome="success",
@@ -346,11 +383,13 @@ class Session:
             # The listeners already queue connections: the proxy's fork need not gate "go".
             if self.proxy is not None and self.proxy.current is None and not self.proxy.incarnations:
                 self._start_proxy(restart=False)
+            self.log.release()  # the info lines held until the command starts (cli.py)
         elif state == "jail-started":
             # The netns worker lives in pasta's pid namespace: its pids are not ours.
             # Find the host pid from the process tree (the jail is its only child).
             kids = _children(self.netns.pid) if self.netns and self.netns.pid else []  # type: ignore[union-attr]
             self.jail_pid = kids[0] if kids else None
+            self._pin("jail", self.jail_pid)
             self.command_started = time.monotonic()
             self.emit(make_event(
                 "worker-started", f"jail started (bwrap pid {self.jail_pid})",
@@ -360,6 +399,7 @@ class Session:
         elif state == "sandbox-started":
             kids = _children(self.jail_pid) if self.jail_pid else []
             self.sandbox_init_pid = kids[0] if kids else None
+            self._pin("sandbox", self.sandbox_init_pid)
             self.emit(make_event(
                 "command-started", f"command started in the sandbox: {self.policy.command_name}",
                 category=["process"], type=["start"], outcome="success",
@@ -411,11 +451,13 @@ class Session:
 
     def _on_pasta_exit(self) -> None:
         assert self.netns is not None
-        # pasta exits right after the netns worker: its last messages (the command's exit
-        # status among them) may still be queued. Read them before deciding anything.
-        self._drain(self.netns.channel, self._on_netns_readable, 2.0)
-        if self.done:
-            return
+        forked = self.netns.forked is not None
+        if not forked:
+            # A pasta-started worker exits first: its last messages (the command's exit
+            # status among them) may still be queued. Read them before deciding anything.
+            self._drain(self.netns.channel, self._on_netns_readable, 2.0)
+            if self.done:
+                return
         code = self.netns.pasta.returncode
         self.emit(make_event(
             "worker-exited", f"pasta exited ({_describe(code)})",
@@ -427,6 +469,12 @@ class Session:
         if self.outcome.exit_code is None and self.outcome.signal is None and not self.outcome.error:
             self.outcome.error = f"pasta exited ({_describe(code)}) before the command finished"
             self.outcome.fix = "run agentpen --check"
+        if forked:
+            # pasta outlives a worker we forked (its holder ends with our end of the socket,
+            # at teardown): gone now, it was killed, and the sandbox goes with it. What the
+            # worker said until then is read, up to its end.
+            self.netns.kill()
+            self._drain(self.netns.channel, self._on_netns_readable, 2.0)
         self.done = True
 
     # -- proxy worker --------------------------------------------------------------------
@@ -536,42 +584,92 @@ class Session:
         # The proxy stops once the sandbox is gone: then no new connection can start, and
         # every hello still unjudged is already in its sockets; it judges those, and the
         # drain below records them and ACKs decisions. Gone means the jail was reaped (its
-        # pid namespace is empty: the proxy stops in parallel with pasta's exit), or else
-        # pasta has exited (below).
+        # pid namespace is empty), or else pasta has exited (_end_netns).
         proxy_told = self.sandbox_gone and self._tell_proxy_to_stop()
-        if self.netns:
-            # A worker we forked exits after its last report; then the holder's end, and
-            # pasta exits with its holder (workers/netns/join.py).
-            if self.netns.forked is not None:
-                self.netns.reap_worker(TEARDOWN_TIMEOUT if self.outcome.error is None else 0.5)
-            self.netns.end_holder()
-            try:
-                self.netns.pasta.wait(TEARDOWN_TIMEOUT if self.outcome.error is None else 0.5)
-            except Exception:
-                self.netns.kill()
-                with contextlib.suppress(Exception):
-                    self.netns.pasta.wait(TEARDOWN_TIMEOUT)
-            self._drain(self.netns.channel, self._on_netns_readable, 2.0)
-            self._drain_pasta_stderr()
-            self.netns.channel.close()
-        if self.proxy:
-            cur = self.proxy.current
-            if cur is not None:  # its last decisions and connection summaries
-                if not proxy_told:
-                    self._tell_proxy_to_stop()
-                self._drain(cur.channel, lambda: self._on_proxy_readable(cur), 3.0)
-            self.proxy.stop()
-            self.proxy.fail_closed()  # closes our copies of the listening sockets
+        if self.sandbox_gone:
+            # Nothing runs in the sandbox: pasta may go now, and its exit (10-20 ms here)
+            # overlaps the proxy's last verdicts and the project's clean-up.
+            if self.netns:
+                self.netns.end_holder()
+            self._stop_proxy(proxy_told)
+            self._sandbox_dead(2.0)  # reaped by bwrap: at once
+            self._clean_project()
+            self._end_netns()
+        else:  # the command may still run: pasta and the worker go down first
+            self._end_netns()
+            self._sandbox_dead(2.0)
+            self._stop_proxy(proxy_told)
+            self._clean_project()
         if self.netns:  # a child pasta forked during setup may outlive pasta itself
             with contextlib.suppress(OSError):
                 os.killpg(self.netns.pasta.pid, signal.SIGKILL)
-        self._remove_placeholders()
-        self._discard_scratch()
-        self._quarantine_git_redirections()
+        if self.pasta_pidfd >= 0:
+            os.close(self.pasta_pidfd)
+            self.pasta_pidfd = -1
         guardian = self.guardian or (self.netns.guardian if self.netns else None)
         if guardian is not None:  # everything is cleaned up: it must not act on a reused pgid
             guardian.release()
         self._restore_terminal()
+
+    def _pin(self, what: str, pid: int | None) -> None:
+        """A pidfd for a process of the sandbox, so that the teardown can make sure it is
+        gone (and kill it) without ever signalling a reused pid."""
+        if pid is None or what in self.pins:
+            return
+        with contextlib.suppress(OSError):
+            self.pins[what] = os.pidfd_open(pid)
+
+    def _sandbox_dead(self, timeout: float) -> None:
+        """Before the project is cleaned: the jail and the sandbox's init are gone. They
+        die with the netns worker and with pasta's holder (its pid namespace), which the
+        teardown has ended; a straggler is waited for, then killed."""
+        import select
+
+        for what, fd in list(self.pins.items()):
+            try:
+                if not select.select([fd], [], [], timeout)[0]:
+                    signal.pidfd_send_signal(fd, signal.SIGKILL)
+                    select.select([fd], [], [], timeout)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+                del self.pins[what]
+
+    def _end_netns(self) -> None:
+        if not self.netns:
+            return
+        # A worker we forked exits after its last report; then the holder's end, and
+        # pasta exits with its holder (workers/netns/join.py).
+        if self.netns.forked is not None:
+            self.netns.reap_worker(TEARDOWN_TIMEOUT if self.outcome.error is None else 0.5)
+        self.netns.end_holder()
+        try:
+            self.netns.pasta.wait(TEARDOWN_TIMEOUT if self.outcome.error is None else 0.5)
+        except Exception:
+            self.netns.kill()
+            with contextlib.suppress(Exception):
+                self.netns.pasta.wait(TEARDOWN_TIMEOUT)
+        self._drain(self.netns.channel, self._on_netns_readable, 2.0)
+        self._drain_pasta_stderr()
+        self.netns.channel.close()
+        self.netns.end_verifier()  # an unfinished cross-check ends with the session
+
+    def _stop_proxy(self, told: bool) -> None:
+        if not self.proxy:
+            return
+        cur = self.proxy.current
+        if cur is not None:  # its last decisions and connection summaries
+            if not told:
+                self._tell_proxy_to_stop()
+            self._drain(cur.channel, lambda: self._on_proxy_readable(cur), 3.0)
+        self.proxy.stop()
+        self.proxy.fail_closed()  # closes our copies of the listening sockets
+
+    def _clean_project(self) -> None:
+        self._remove_placeholders()
+        self._discard_scratch()
+        self._quarantine_git_redirections()
 
     def _tell_proxy_to_stop(self) -> bool:
         if self.proxy and self.proxy.current:
@@ -725,10 +823,11 @@ class Session:
         return status
 
 
-def start_pasta(policy: SessionPolicy) -> NetnsWorker:
-    """Start pasta and the netns worker; the CLI calls it as early as it can."""
+def start_pasta(net: SessionPolicy | Doors) -> NetnsWorker:
+    """Start pasta and the netns worker; the CLI calls it as early as it can, with the
+    doors alone (then NetnsWorker.configure() once the policy is resolved)."""
     try:
-        return NetnsWorker.spawn(policy)
+        return NetnsWorker.spawn(net)
     except Exception as exc:
         raise SetupFailed(str(getattr(exc, "what", exc)), fix=getattr(exc, "how_to_fix", None)) from None
 

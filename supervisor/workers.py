@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agentpen.core.channel import Channel, MsgType, channel_pair
-from agentpen.core.policy import SessionPolicy
+from agentpen.core.policy import Doors, SessionPolicy
 
 # Crash loop: this many proxy exits within the window stops egress for good.
 CRASH_LOOP_COUNT = 5
@@ -108,9 +108,14 @@ class NetnsWorker:
     forked: int | None = None  # pid of a worker forked by us (None: pasta started it)
     holder: socket.socket | None = None  # our end of the holder's socket: closing it ends pasta
 
+    doors: Doors | None = None  # what pasta was started with (configure() checks the policy's)
+    verifier: int | None = None  # pid of the pyroute2 verifier we forked
+
     @classmethod
-    def spawn(cls, policy: SessionPolicy, pasta_path: str = "pasta") -> NetnsWorker:
-        """pasta, and the netns worker in its namespaces.
+    def spawn(cls, net: SessionPolicy | Doors, pasta_path: str = "pasta") -> NetnsWorker:
+        """pasta, and the netns worker in its namespaces. Given the session's policy,
+        the worker is configured at once; given only the doors (the CLI, before the
+        policy is resolved), ``configure()`` follows.
 
         Forked (the default, when this process is single-threaded): pasta runs a
         *holder* (workers/netns/join.py) and a fork of this already-initialised process
@@ -151,10 +156,10 @@ class NetnsWorker:
         # Before pasta exists: a supervisor SIGKILLed at any point after this leaves the
         # guardian to kill pasta's group (pasta's pre-exec child outlives its PDEATHSIG).
         guardian = Guardian()
-        forked = None
+        forked = verifier_pid = None
         try:
             proc = spawn_pasta(
-                pasta_argv(policy, inner, features),
+                pasta_argv(net, inner, features),
                 pass_fds=passed,
                 env=minimal_env(),
                 stdin=holder.fileno() if holder is not None else subprocess.DEVNULL,
@@ -166,17 +171,22 @@ class NetnsWorker:
                     holder.close()  # pasta's and the holder's copies are the ones that count
                     forked = _fork_netns_worker(wk, stdio, verifier, ours, proc.pid)  # type: ignore[arg-type]
                 if pair:
-                    _fork_verifier(pair[1])  # the worker waits for it: a dead verifier fails closed
+                    verifier_pid = _fork_verifier(pair[1])  # a dead verifier fails closed
             except BaseException:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+                for pid in (forked, verifier_pid):
+                    if pid:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
                 raise
         except BaseException:
             guardian.release()  # pasta never ran (or is reaped): nothing to guard
-            if forked:
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(forked, 0)
+            for pid in (forked, verifier_pid):
+                if pid:
+                    with contextlib.suppress(ChildProcessError):
+                        os.waitpid(pid, 0)
             if ours is not None:
                 ours.close()
             raise
@@ -190,13 +200,27 @@ class NetnsWorker:
         os.set_blocking(proc.stderr.fileno(), False)  # type: ignore[union-attr]
         if type(proc) is subprocess.Popen:
             proc.__class__ = _PidfdPopen
-        worker = cls(proc, sup, guardian, forked=forked, holder=ours)
-        # Early: the worker sets up nft, the verification and the listeners while we
-        # open the audit stream (the persistence covers follow with "go").
-        sup.send(MsgType.CONFIG, {"policy": policy.to_json()})
-        # Signals are blocked for the signalfd by now: the thread inherits the mask.
-        PRELOAD.start("multiprocess")
+        doors = net.doors() if isinstance(net, SessionPolicy) else net
+        worker = cls(proc, sup, guardian, forked=forked, holder=ours, doors=doors, verifier=verifier_pid)
+        if isinstance(net, SessionPolicy):
+            worker.configure(net)
+        # (multiprocess is imported when the first proxy is forked, after "go": a preload
+        # thread now would only take the GIL from this thread's own start-up work.)
         return worker
+
+    def configure(self, policy: SessionPolicy) -> None:
+        """CONFIG, as early as the policy is known: the worker sets up nft, the
+        verification and the listeners while we open the audit stream (the persistence
+        covers follow with "go")."""
+        from agentpen.supervisor.errors import SetupFailed
+
+        if policy.doors() != self.doors:  # pasta's command line was built from these
+            raise SetupFailed(f"the session's doors {policy.doors()} are not pasta's {self.doors}")
+        try:
+            self.channel.send(MsgType.CONFIG, {"policy": policy.to_json()})
+        except OSError as exc:
+            raise SetupFailed(f"the netns worker went away before the session started ({exc})",
+                              fix="run agentpen again; if it recurs, run agentpen --check") from None
 
     def kill(self) -> None:
         if self.pasta.poll() is None:
@@ -227,6 +251,16 @@ class NetnsWorker:
         self.forked = None
         return status
 
+    def end_verifier(self) -> None:
+        """Its answer is read or no longer wanted: kill (a no-op once it exited) and reap."""
+        if self.verifier is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.verifier, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.verifier, 0)
+        self.verifier = None
+
     def abandon(self) -> None:
         """The session never started: pasta's group down and reaped, the guardian let go."""
         self.kill()
@@ -234,6 +268,7 @@ class NetnsWorker:
         with contextlib.suppress(Exception):
             self.pasta.wait(5)
         self.reap_worker(1.0)
+        self.end_verifier()
         if self.guardian is not None:
             self.guardian.release()
 
@@ -267,35 +302,35 @@ def _verifier_pair() -> tuple[socket.socket, socket.socket] | None:
     return socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
 
 
-def _fork_verifier(theirs: socket.socket) -> None:
-    """Fork the process that verifies the sandbox's network with pyroute2 (issue 10).
+def _fork_verifier(theirs: socket.socket) -> int:
+    """Fork the process that reads the sandbox's network with pyroute2 (issue 10); its pid.
 
-    It imports pyroute2 (120-330 ms here) while pasta builds the namespace and the netns
-    worker starts, then receives a NETLINK_ROUTE socket that the worker creates inside
-    the namespace (workers/netns/main.RemoteVerifier: same dump, same check, same point
-    of the worker's order, fail closed). Double fork: the verifier is nobody's child to
-    reap; it ends when the worker's end of the socket closes. Every descriptor but its
-    socket is closed, stdio goes to /dev/null, signals stay blocked as the supervisor's
-    are. Call while single-threaded (see _verifier_pair)."""
+    It imports pyroute2 (120-330 ms here, at nice 19) while pasta builds the namespace
+    and the netns worker starts, then receives a NETLINK_ROUTE socket that the worker
+    creates inside the namespace (workers/netns/main.RemoteVerifier) and answers one
+    line: the gate for a pasta-started worker, the cross-check for a forked one. Our
+    child, killed and reaped at teardown (an unfinished cross-check must not outlive
+    the session), and dead with us (PDEATHSIG). Every descriptor but its socket is
+    closed, stdio goes to /dev/null. Call while single-threaded (see _verifier_pair)."""
+    parent = os.getpid()
     pid = os.fork()
-    if pid == 0:  # intermediate: fork the verifier, exit at once
+    if pid == 0:
         try:
-            if os.fork() == 0:
-                try:
-                    null = os.open(os.devnull, os.O_RDWR)
-                    for fd in (0, 1, 2):
-                        os.dup2(null, fd)
-                    from agentpen.core.osutil import close_fds_except
+            from agentpen.core.osutil import close_fds_except, set_name, set_pdeathsig
 
-                    close_fds_except({theirs.fileno()})
-                    from agentpen.workers.netns.main import serve_remote_verifier
+            set_pdeathsig(signal.SIGKILL, expected_parent=parent)
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            close_fds_except({theirs.fileno()})
+            with contextlib.suppress(OSError):
+                set_name(b"agentpen-verify")
+            from agentpen.workers.netns.main import serve_remote_verifier
 
-                    serve_remote_verifier(theirs.fileno())
-                finally:
-                    os._exit(0)
+            serve_remote_verifier(theirs.fileno())
         finally:
             os._exit(0)
-    os.waitpid(pid, 0)
+    return pid
 
 
 def _proxy_entry(channel_fd: int, listen_fds: list[int], policy_json: dict, incarnation: int,
@@ -351,11 +386,14 @@ class ProxySupervisor:
         wk.close()
         self.current = ProxyWorker(proc, sup, self.incarnations, time.monotonic(), proc.pid)
         self.restart_at = None
-        if self.incarnations == 1:
-            # Off the start-up path (the command is starting): a restart then forks a
-            # worker that has uvloop and libseccomp loaded already.
-            PRELOAD.start("agentpen.workers.proxy.server")
         return self.current
+
+    def warm(self) -> None:
+        """Import the proxy's modules (uvloop, libseccomp) here, in a daemon thread, so
+        that a restart forks a worker that has them (crash to first accept). Called once
+        the command has run a while (Session): earlier, the thread would take the GIL
+        from the session's start and a short session's end."""
+        PRELOAD.start("agentpen.workers.proxy.server")
 
     def on_exit(self, now: float) -> tuple[int | None, int | None, bool]:
         """The current worker exited. Returns (exit code, signal, crash loop?)."""

@@ -1,8 +1,13 @@
 """agentpen's own messages on stderr, through structlog: a console renderer on a
 terminal, JSON lines (ECS-shaped like the audit stream) with --log-format json.
 
-structlog is imported here, not in the package's __init__: it costs ≈50 ms, which
-the path to the agent's first instruction should not pay when stderr is quiet.
+structlog is imported at the first line actually printed, not before: with asyncio
+(which its stdlib module pulls in) it costs 30-60 ms here, which the path to the
+agent's first instruction should not pay (issue 10). A session's console is created
+*holding*: its info and debug lines from before the command starts (where the audit
+log goes, the config file) are kept, with the time they were logged, and printed by
+``release()`` as soon as the command has been started; a warning or an error is
+printed at once, after whatever is held, so the order never changes.
 """
 
 from __future__ import annotations
@@ -10,6 +15,8 @@ from __future__ import annotations
 import json
 import re
 import sys
+import time
+from datetime import UTC, datetime
 from typing import IO, Any
 
 from .ecs import ECS_VERSION
@@ -49,36 +56,96 @@ def _dumps(obj: Any, **_kw: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), default=repr)
 
 
-def setup_console(fmt: str | None, level: str, *, stream: IO[str] | None = None) -> Any:
-    """A structlog bound logger for agentpen's own stderr messages (not the audit
-    stream). fmt None: console on a TTY, else JSON; "console" or "json" force one."""
-    import structlog
+def timestamper(fmt: str, *, utc: bool):
+    """structlog's TimeStamper, but a held line keeps the time it was logged (``_at``)."""
 
+    def stamp(_logger: Any, _name: str, ed: dict[str, Any]) -> dict[str, Any]:
+        at = ed.pop("_at", None) or time.time()
+        when = datetime.fromtimestamp(at, UTC) if utc else datetime.fromtimestamp(at)
+        iso = fmt == "iso"
+        ed["timestamp"] = when.replace(tzinfo=None).isoformat() + "Z" if iso else when.strftime(fmt)
+        return ed
+
+    return stamp
+
+
+class Console:
+    """The logger ``setup_console`` returns: ``debug/info/warning/error/critical(event,
+    **fields)``, filtered by level, rendered by a structlog pipeline built on first use."""
+
+    def __init__(self, fmt: str, level: str, out: IO[str], *, hold: bool) -> None:
+        self.fmt, self.min, self.out = fmt, LEVEL_NUMBERS[level], out
+        self._logger: Any = None
+        self._held: list[tuple[str, str, dict[str, Any]]] | None = [] if hold else None
+
+    def _structlog(self) -> Any:
+        if self._logger is None:
+            import structlog
+
+            processors: list[Any] = [structlog.processors.add_log_level]
+            if self.fmt == "json":
+                processors += [
+                    timestamper("iso", utc=True),
+                    structlog.processors.format_exc_info,
+                    to_ecs,
+                    structlog.processors.JSONRenderer(serializer=_dumps),
+                ]
+            else:
+                processors += [
+                    timestamper("%H:%M:%S", utc=False),
+                    escape_controls,
+                    structlog.dev.ConsoleRenderer(colors=self.out.isatty()),
+                ]
+            self._logger = structlog.wrap_logger(
+                structlog.WriteLogger(self.out),
+                processors=processors,
+                wrapper_class=structlog.make_filtering_bound_logger(self.min),
+                cache_logger_on_first_use=False,
+            )
+        return self._logger
+
+    def _log(self, method: str, event: str, fields: dict[str, Any]) -> None:
+        number = LEVEL_NUMBERS[method]
+        if number < self.min:
+            return  # filtered: no structlog import for a quiet stderr
+        if self._held is not None and number < LEVEL_NUMBERS["warning"]:
+            self._held.append((method, event, {**fields, "_at": time.time()}))
+            return
+        self.release()
+        getattr(self._structlog(), method)(event, **fields)
+
+    def release(self) -> None:
+        """Print what is held, and hold nothing from now on."""
+        held, self._held = self._held, None
+        for method, event, fields in held or ():
+            getattr(self._structlog(), method)(event, **fields)
+
+    def debug(self, event: str, **fields: Any) -> None:
+        self._log("debug", event, fields)
+
+    def info(self, event: str, **fields: Any) -> None:
+        self._log("info", event, fields)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self._log("warning", event, fields)
+
+    def error(self, event: str, **fields: Any) -> None:
+        self._log("error", event, fields)
+
+    def critical(self, event: str, **fields: Any) -> None:
+        self._log("critical", event, fields)
+
+
+def setup_console(fmt: str | None, level: str, *, stream: IO[str] | None = None,
+                  hold: bool = False) -> Console:
+    """The logger for agentpen's own stderr messages (not the audit stream). fmt None:
+    console on a TTY, else JSON; "console" or "json" force one. ``hold``: keep info and
+    debug lines until ``release()`` (a session, until its command has started)."""
     out = stream if stream is not None else sys.stderr
-    tty = out.isatty()
     if fmt is None:
-        fmt = "console" if tty else "json"
+        fmt = "console" if out.isatty() else "json"
     if fmt not in ("console", "json"):
         raise ValueError(f"log format {fmt!r}: console or json")
     if level not in LEVEL_NUMBERS:
         raise ValueError(f"log level {level!r}: one of {', '.join(LEVEL_NUMBERS)}")
-    processors: list[Any] = [structlog.processors.add_log_level]
-    if fmt == "json":
-        processors += [
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            to_ecs,
-            structlog.processors.JSONRenderer(serializer=_dumps),
-        ]
-    else:
-        processors += [
-            structlog.processors.TimeStamper(fmt="%H:%M:%S", utc=False),
-            escape_controls,
-            structlog.dev.ConsoleRenderer(colors=tty),
-        ]
-    return structlog.wrap_logger(
-        structlog.WriteLogger(out),
-        processors=processors,
-        wrapper_class=structlog.make_filtering_bound_logger(LEVEL_NUMBERS[level]),
-        cache_logger_on_first_use=False,
-    )
+    return Console(fmt, level, out, hold=hold)

@@ -118,11 +118,12 @@ class Tree:
                 found["pasta" if real else "pasta-probe"] = kid
             elif kid == proxy:
                 found["proxy"] = kid
-            elif comm(kid) == "agentpen-netns":  # forked by the supervisor (the default)
-                found["netns"] = kid
-        # The pyroute2 verifier is double-forked: its parent is whoever reaps orphans (we do).
-        for kid in children(os.getpid()):
-            if kid != self.supervisor and "agentpen.supervisor" in cmdline(kid) and alive(kid):
+            elif comm(kid) == "agentpen-nsjoin":  # forked by the supervisor (the default) ...
+                found["nsjoin"] = kid
+                for worker in children(kid):  # ... and its child in pasta's pid namespace
+                    if comm(worker) == "agentpen-netns":
+                        found["netns"] = worker
+            elif comm(kid) == "agentpen-verify":  # the pyroute2 verifier
                 found["verifier"] = kid
         if "pasta" in found:
             for kid in children(found["pasta"]):
@@ -311,6 +312,7 @@ def errors_of(lines: list[dict]) -> list[str]:
 MID = [
     ("proxy", CMD_EXIT),  # restarted; the command goes on
     ("netns", 125),
+    ("nsjoin", 125),  # the worker's parent, which joined pasta's namespaces: the worker dies with it
     ("pasta", 125),  # or 7: a SIGKILLed pasta takes 12-40 ms to die, the command may finish first
     ("holder", 125),  # pasta's command: pasta exits with it (or 7, as for pasta)
     ("jail", 128 + 9),
@@ -355,7 +357,7 @@ def test_kill_mid_connection(sandbox, up, target, status):
 # Hole A, fixed in 7d31f21: pasta SIGKILLed during namespace setup left its forked child
 # (same process group, reparented) holding pasta's stderr pipe, and Session._teardown
 # blocked for ever in a blocking read() of it (1 run in 3 to 6).
-STARTUP = ["pasta-probe", "pasta", "holder", "verifier", "netns", "proxy", "jail"]
+STARTUP = ["pasta-probe", "pasta", "holder", "verifier", "nsjoin", "netns", "proxy", "jail"]
 
 
 @pytest.mark.parametrize("target", STARTUP)
@@ -371,9 +373,12 @@ def test_kill_at_startup(sandbox, up, target):
     lines = user_sees(err)
     acts = actions(events)
     # Killed before the session started (the pasta probe, run by cli's preflight before the
-    # audit sink is opened, or by the session): nothing, or only its end, is recorded.
-    if target == "pasta-probe":
+    # audit sink is opened, or by the session; pasta and the netns worker start before the
+    # audit sink too): nothing, or only its end, is recorded.
+    if target == "pasta-probe" or (not acts and target in ("pasta", "holder", "verifier", "nsjoin",
+                                                           "netns")):
         assert acts in ([], ["session-ended"]), acts
+        assert rc == 125 and len(errors_of(lines)) == 1, (rc, lines)
     elif acts == ["session-ended"]:  # the worker died before CONFIG could be sent to it
         assert rc == 125 and events[0]["event"]["outcome"] == "failure", events
     else:

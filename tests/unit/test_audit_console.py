@@ -54,3 +54,45 @@ def test_default_stream_is_stderr(capfd):
     setup_console("json", "info").info("to stderr")
     err = capfd.readouterr().err
     assert json.loads(err)["message"] == "to stderr"
+
+
+def test_holding_keeps_info_lines_until_release_and_never_reorders():
+    out = io.StringIO()
+    log = setup_console("json", "info", stream=out, hold=True)
+    log.info("audit log", sink="/x")
+    log.debug("not shown at info")
+    assert out.getvalue() == ""  # held: the command has not started yet
+    log.warning("something odd")  # printed at once, after what was held
+    log.info("after the warning")
+    first, second, third = (json.loads(x) for x in out.getvalue().splitlines())
+    assert [first["message"], second["message"], third["message"]] == [
+        "audit log", "something odd", "after the warning"]
+    assert first["agentpen"] == {"sink": "/x"}  # the hold-time stamp does not leak as a field
+    assert first["@timestamp"] <= second["@timestamp"]
+
+
+def test_release_prints_held_lines_with_the_time_they_were_logged(monkeypatch):
+    import time as time_mod
+
+    out = io.StringIO()
+    log = setup_console("json", "info", stream=out, hold=True)
+    monkeypatch.setattr(time_mod, "time", lambda: 1_700_000_000.25)
+    log.info("early")
+    monkeypatch.setattr(time_mod, "time", lambda: 1_800_000_000.0)
+    log.release()
+    rec = json.loads(out.getvalue())
+    assert rec["@timestamp"] == "2023-11-14T22:13:20.250000Z"
+    log.info("direct")  # not held any more
+    assert len(out.getvalue().splitlines()) == 2
+
+
+def test_structlog_is_imported_only_when_a_line_is_printed():
+    import subprocess
+    import sys
+
+    code = ("import sys, io; from agentpen.supervisor.audit import setup_console; "
+            "log = setup_console('json', 'warning', stream=io.StringIO()); log.info('filtered'); "
+            "a = 'structlog' in sys.modules; log.warning('printed'); "
+            "print(a, 'structlog' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True"]  # the control: printing does import it

@@ -13,9 +13,10 @@ What the worker joins is exactly what pasta made: the holder is pasta's child (c
 its parent is pasta), it is pid 1 of pasta's pid namespace (checked), and the pidfd
 pins the process, so a reused pid cannot redirect the join. The worker joins the user
 namespace first (it then holds every capability there, as root of pasta's namespace,
-like the worker pasta used to start) and the network namespace second. It does not
-join pasta's pid or mount namespace: its children stay in the host's pid namespace,
-where the host's /proc is theirs, and bwrap makes the sandbox's own.
+like the worker pasta used to start) and the network namespace second, and pasta's
+pid namespace for its children: the worker proper is such a child (netns/main.py), so
+the jail lives, as before, in a pid namespace whose first process is pasta's command:
+when the holder exits, the kernel kills whatever is left in it.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import struct
 from agentpen.workers.netns.errors import NetnsSetupError
 
 CLONE_NEWNET = 0x40000000
+CLONE_NEWPID = 0x20000000
 CLONE_NEWUSER = 0x10000000
 _UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
 HOLDER_NAME = "agentpen-netns-holder"  # $0 of the holder shell: how tests and ps name it
@@ -103,8 +105,9 @@ def _setns(fd: int, nstype: int, what: str) -> None:
 
 
 def join(holder: int, pasta_pid: int) -> None:
-    """setns() into the holder's user, then network, namespace. Single-threaded only
-    (setns(CLONE_NEWUSER) refuses a process with threads): call it in a fresh fork."""
+    """setns() into the holder's user, then network, namespace, and its pid namespace
+    for our children. Single-threaded only (setns(CLONE_NEWUSER) refuses a process with
+    threads): call it in a fresh fork."""
     try:
         pidfd = os.pidfd_open(holder)
     except OSError as exc:
@@ -121,19 +124,21 @@ def join(holder: int, pasta_pid: int) -> None:
             raise NetnsSetupError(f"pid {holder} is not pasta's namespace holder: {why}",
                                   "run agentpen again; if it recurs, report it")
         # Linux >= 5.8 takes a pidfd and joins both at once, atomically.
-        if _libc.setns(pidfd, CLONE_NEWUSER | CLONE_NEWNET) == 0:
+        if _libc.setns(pidfd, CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWPID) == 0:
             return
         if ctypes.get_errno() != 22:  # EINVAL: an older kernel; anything else is real
             err = ctypes.get_errno()
             raise NetnsSetupError(f"could not join pasta's namespaces: {os.strerror(err)}",
                                   "run agentpen --check (user namespaces must be available)")
-        fds = [os.open(f"/proc/{holder}/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC) for ns in ("user", "net")]
+        fds = [os.open(f"/proc/{holder}/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC)
+               for ns in ("user", "net", "pid")]
         try:
             if select.select([pidfd], [], [], 0)[0]:  # the files may be of a reused pid
                 raise NetnsSetupError(f"pasta's namespace holder (pid {holder}) exited",
                                       "run agentpen again (something killed pasta's command)")
             _setns(fds[0], CLONE_NEWUSER, "user namespace")
             _setns(fds[1], CLONE_NEWNET, "network namespace")
+            _setns(fds[2], CLONE_NEWPID, "pid namespace")
         finally:
             for fd in fds:
                 with contextlib.suppress(OSError):

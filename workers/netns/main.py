@@ -460,6 +460,9 @@ def setup(ch: Channel, policy: SessionPolicy, verifier: Verifier | RemoteVerifie
     # (see osutil.enter_own_user_namespace), then drop every capability for good.
     osutil.enter_own_user_namespace(policy.uid, policy.gid)
     osutil.drop_all_capabilities()
+    # Changing credentials (the user namespace, the capabilities) cleared our parent-death
+    # signal: set it again, or a killed parent would leave this worker and the jail alive.
+    _die_with_parent()
     caps = osutil.capability_sets()
     if any(caps.get(k, 1) for k in ("CapEff", "CapPrm", "CapInh", "CapBnd", "CapAmb")):
         raise _Fatal(f"capabilities still held after dropping them: {caps}")
@@ -612,7 +615,8 @@ def main(argv: list[str]) -> int:
     # sockets (a --publish listener) inheritable in its child.
     osutil.close_fds_except({channel_fd, *stdio, *keep})
     # Die with pasta (and pasta dies with the supervisor): nothing outlives a session.
-    osutil.set_pdeathsig(signal.SIGKILL, expected_parent=os.getppid())
+    _PARENT[:] = [os.getppid(), -1]
+    _die_with_parent()
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     return run(Channel.from_fd(channel_fd), stdio, verifier, fresh_proc=True)
 
@@ -668,14 +672,64 @@ def forked_main(channel_fd: int, stdio: list[int], verifier_fd: int, holder_fd: 
         return 1
     finally:
         holder_sock.close()  # the supervisor's copy alone keeps the holder (and pasta) up
-    return run(ch, stdio, verifier, fresh_proc=False)
+    # Joining a user namespace changed our credentials, which cleared the parent-death
+    # signal set above: set it again (the supervisor's death must end us).
+    os_util.set_pdeathsig(signal.SIGKILL, expected_parent=parent)
+    # Our children are in pasta's pid namespace now (join.join), as they were when pasta
+    # started the worker: the worker proper is such a child, so that the jail and
+    # everything under it live in a pid namespace that the kernel empties when the
+    # holder, its first process, exits (the session's end, or the supervisor's death):
+    # nothing the jail leaves behind (an orphan of a killed bwrap) outlives the session.
+    # This process only waits for it, and dies with the supervisor, taking it along.
+    alive_r, alive_w = os.pipe2(os.O_CLOEXEC)  # EOF for the child once we are gone
+    worker = os.fork()
+    if worker == 0:
+        # Our parent is outside our pid namespace (getppid() says 0 whether it lives or
+        # not): its pipe tells, and the parent-death signal is checked against it.
+        os.close(alive_w)
+        _PARENT[:] = [0, alive_r]
+        _die_with_parent()
+        # pid namespace and /proc disagree until we mount our own, as pasta's child did
+        return run(ch, stdio, verifier, fresh_proc=True, crosscheck=True)
+    os.close(alive_r)
+    ch.close()
+    verifier.abandon()
+    for fd in stdio:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    with contextlib.suppress(OSError):
+        os_util.set_name(b"agentpen-nsjoin")
+    while True:
+        try:
+            _, status = os.waitpid(worker, 0)
+            break
+        except InterruptedError:
+            continue
+    return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 1
 
+
+# The parent whose death must end this worker: [what getppid() says while it lives, a
+# pipe that reads EOF once it is gone or -1]. Used to set the parent-death signal again
+# after each change of credentials (which clears it).
+_PARENT = [0, -1]
+
+
+def _die_with_parent() -> None:
+    """PR_SET_PDEATHSIG(SIGKILL), then make sure the parent did not die before it."""
+    import select
+
+    from agentpen.core import osutil as os_util
+
+    os_util.set_pdeathsig(signal.SIGKILL, expected_parent=_PARENT[0])
+    if _PARENT[1] >= 0 and select.select([_PARENT[1]], [], [], 0)[0]:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 # How long a forked worker waits for pasta's namespace (the session's own setup limit).
 SETUP_TIMEOUT = 30.0
 
 
-def run(ch: Channel, stdio: list[int], verifier: Verifier | RemoteVerifier, *, fresh_proc: bool) -> int:
+def run(ch: Channel, stdio: list[int], verifier: Verifier | RemoteVerifier, *, fresh_proc: bool,
+        crosscheck: bool = False) -> int:
     """Steps 1-6, from HELLO to the command's exit (both ways of starting)."""
     ch.send(MsgType.HELLO, {"role": "netns", "pid": os.getpid(), "proto": 1})
     try:
@@ -683,7 +737,7 @@ def run(ch: Channel, stdio: list[int], verifier: Verifier | RemoteVerifier, *, f
         policy = SessionPolicy.from_json(config["policy"])
         # A worker that joined pasta's namespaces has the supervisor's verifier (no
         # capability in the namespace): it may confirm after the gate (CrossCheck).
-        crosscheck = isinstance(verifier, RemoteVerifier) and not fresh_proc
+        crosscheck = crosscheck and isinstance(verifier, RemoteVerifier)
         cross = None
         try:
             # Builds the seccomp program once while the verifier dumps: the jail's
