@@ -584,6 +584,65 @@ def test_backpressure_bounds_memory_and_download_completes() -> None:
     up.close()
 
 
+def test_backpressure_toward_a_stalled_upstream_upload_completes() -> None:
+    """The other direction: the upstream stops reading; the proxy stops reading the
+    client (its sends block), holds at most a chunk, and resumes once the upstream
+    drains (the upstream socket's EPOLLOUT is re-armed only then). Bytes verbatim."""
+    import hashlib
+
+    total = 48 * 1024 * 1024 + 3
+    hello = python_ssl_hello("api.example.com")
+    payload = os.urandom(1 << 20)
+    got: dict[str, Any] = {}
+    stalled = threading.Event()
+
+    def handler(conn: socket.socket) -> None:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        stalled.wait(TIMEOUT * 3)  # read nothing until the client is stuck
+        h, n = hashlib.sha256(), 0
+        while d := conn.recv(1 << 20):
+            h.update(d)
+            n += len(d)
+        got["n"], got["sha"] = n, h.hexdigest()
+        conn.sendall(b"done")
+
+    up = RawUpstream(handler)
+    up.start()
+    want = hashlib.sha256(hello)
+    with running_worker(make_policy(["api.example.com"], pinned(up.port))) as w:
+        rss0 = _rss_kib(w.proc.pid)
+        c = socket.socket()
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        c.connect(("127.0.0.1", w.port))
+        c.sendall(hello)
+        c.settimeout(1.0)
+        sent = 0
+        while sent < total:
+            chunk = payload[: min(len(payload), total - sent)]
+            try:
+                n = c.send(chunk)
+            except TimeoutError:  # the proxy stopped reading us: the stall reached us
+                if not stalled.is_set():
+                    growth = _rss_kib(w.proc.pid) - rss0
+                    assert sent < total // 2, "the proxy read everything while upstream stalled"
+                    assert growth < 16 * 1024, f"proxy RSS grew {growth} KiB"
+                    stalled.set()
+                    c.settimeout(TIMEOUT)
+                continue
+            want.update(chunk[:n])
+            sent += n
+        c.shutdown(socket.SHUT_WR)
+        c.settimeout(TIMEOUT)
+        assert recv_all(c) == b"done"
+        c.close()
+        assert stalled.is_set()
+        assert up.done.wait(TIMEOUT) and not up.errors
+        assert got == {"n": total + len(hello), "sha": want.hexdigest()}
+        end = w.sup.wait_event("connection-closed")[0]
+        assert end["source"]["bytes"] == total + len(hello)
+    up.close()
+
+
 def test_learn_mode_allows_and_marks_would_block() -> None:
     up = RawUpstream(lambda conn: conn.recv(65536))
     up.start()
