@@ -643,6 +643,9 @@ class Session:
         # pasta exits with its holder (workers/netns/join.py).
         if self.netns.forked is not None:
             self.netns.reap_worker(TEARDOWN_TIMEOUT if self.outcome.error is None else 0.5)
+        # An unfinished cross-check ends with the session; and a verifier that has not yet
+        # closed what it inherited (it runs at nice 19) must not keep the holder's socket.
+        self.netns.end_verifier()
         self.netns.end_holder()
         try:
             self.netns.pasta.wait(TEARDOWN_TIMEOUT if self.outcome.error is None else 0.5)
@@ -653,7 +656,6 @@ class Session:
         self._drain(self.netns.channel, self._on_netns_readable, 2.0)
         self._drain_pasta_stderr()
         self.netns.channel.close()
-        self.netns.end_verifier()  # an unfinished cross-check ends with the session
 
     def _stop_proxy(self, told: bool) -> None:
         if not self.proxy:

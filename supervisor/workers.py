@@ -336,6 +336,11 @@ def _fork_verifier(theirs: socket.socket) -> int:
 def _proxy_entry(channel_fd: int, listen_fds: list[int], policy_json: dict, incarnation: int,
                  parent_pid: int | None = None) -> None:
     """First code of a forked proxy worker (runs in the child)."""
+    # Nothing of the supervisor's stays open while the server module is imported (tens of
+    # ms): a copy of, say, pasta's holder socket would keep pasta up after the session.
+    from agentpen.core.osutil import close_fds_except
+
+    close_fds_except([channel_fd, *listen_fds])
     # The supervisor blocks its signals for its signalfd; a worker starts clean.
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1):
