@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from typing import Any
 
 from agentpen.supervisor.errors import EXIT_AGENTPEN, AgentpenError
 
@@ -62,19 +63,59 @@ def _looks_like_a_session(argv: list[str]) -> bool:
     return not any(a in _NOT_A_SESSION for a in own)
 
 
+# Options and config keys that change pasta's command line, or where pasta must start
+# (inside a session cgroup): with any of them, pasta waits for the parsed options.
+_NETWORK_OPTIONS = ("--publish", "--host-port", "--memory", "--max-procs", "--profile")
+_NETWORK_CONFIG_WORDS = ("publish", "host_port", "memory", "max_procs", "paranoid")
+
+
+def _early_network(argv: list[str]) -> Any:
+    """pasta, its holder and the forked netns worker, started before the options are even
+    parsed when nothing on the command line or in the config file can change pasta's
+    command line (no door, no resource cap): the common case, where pasta's namespace
+    setup and the worker's then overlap all of our own start (issue 10). None when unsure
+    or on any failure: the normal path starts them (and reports what is wrong)."""
+    if os.geteuid() == 0:
+        return None  # refused later, with the reason
+    own = argv[:argv.index("--")] if "--" in argv else argv
+    if any(tok.split("=", 1)[0] in _NETWORK_OPTIONS for tok in own):
+        return None
+    try:
+        from agentpen.supervisor.config import config_path
+
+        with open(config_path(os.environ), encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except FileNotFoundError:
+        text = ""
+    except OSError:
+        return None
+    if any(word in text for word in _NETWORK_CONFIG_WORDS):
+        return None
+    try:
+        from agentpen.core.policy import Doors
+        from agentpen.supervisor.session import start_pasta
+
+        return start_pasta(Doors())
+    except Exception:
+        return None
+
+
 def _main(argv: list[str]) -> int:
-    if _looks_like_a_session(argv):
-        from agentpen.workers.netns import pasta
+    if not _looks_like_a_session(argv):
+        return _session_main(argv)
+    from agentpen.workers.netns import pasta
 
-        pasta.start_probes()  # they run while we import and parse (issue 10)
-        try:
-            return _session_main(argv)
-        finally:
-            pasta.discard_probes()
-    return _session_main(argv)
+    pasta.start_probes()  # they run while we import and parse (issue 10)
+    early = _early_network(argv)
+    try:
+        return _session_main(argv, early)
+    finally:
+        pasta.discard_probes()
+        if early is not None and not early.handed_over:
+            early.abandon()  # the session never started: take pasta and its namespace down
 
 
-def _session_main(argv: list[str]) -> int:
+def _session_main(argv: list[str], early: Any = None) -> int:
     from agentpen.supervisor import options
 
     if argv[:2] == ["audit", "verify"]:
@@ -118,13 +159,17 @@ def _session_main(argv: list[str]) -> int:
     # Before the audit stream opens: a bad --memory/--wall-time is a usage error.
     limits = paranoid.limits_from(opts, paranoid=base_profile(opts, cfg) == "paranoid")
 
-    early = None
-    if not (limits.memory or limits.max_procs):  # else pasta must start inside the session cgroup
-        # pasta first, from the doors alone: its namespace setup (~30 ms) and the netns
-        # worker's overlap the policy's resolution, our imports and the audit setup.
+    doors = doors_from(opts)
+    if early is not None and (limits.memory or limits.max_procs or early.doors != doors):
+        early.abandon()  # guessed wrong (_early_network): start again, as below
+        early = None
+    if early is None and not (limits.memory or limits.max_procs):  # else pasta must start
+        # inside the session cgroup. pasta first, from the doors alone: its namespace
+        # setup (~30 ms) and the netns worker's overlap the policy's resolution, our
+        # imports and the audit setup.
         from agentpen.supervisor.session import start_pasta
 
-        early = start_pasta(doors_from(opts))
+        early = start_pasta(doors)
     try:
         from agentpen.supervisor.resolve import resolve_policy
 

@@ -29,6 +29,8 @@ SETUP_TIMEOUT = 30.0  # from pasta's start to the command's start
 TEARDOWN_TIMEOUT = 5.0
 # The proxy's modules are preloaded for restarts once the command has run this long.
 PROXY_WARM_AFTER = 1.0
+# The first proxy starts this long after "go", or at the first connection if sooner.
+PROXY_START_AFTER = 0.25
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 
@@ -81,6 +83,7 @@ class Session:
         self.scratch_root: str | None = None  # private dirs behind scratch covers
         self.sandbox_gone = False  # the jail was reaped: no new connection can start
         self.proxy_warmed = False  # the proxy's modules preloaded for a restart (warm())
+        self.proxy_start_at: float | None = None  # the first proxy's start, unless a connection comes first
         self.pins: dict[str, int] = {}  # pidfds of the jail and the sandbox's init (_pin)
         self.pasta_pidfd = -1
         self.go_ns: int | None = None
@@ -230,6 +233,8 @@ class Session:
                 timeout = min(timeout, max(0.0, self.proxy.restart_at - now))
             if self.pending_signal is not None:
                 timeout = min(timeout, 0.01)  # until the command's pid is known
+            if self.proxy_start_at is not None:
+                timeout = min(timeout, max(0.0, self.proxy_start_at - now))
             warm_at = None
             if self.proxy and not self.proxy_warmed and self.command_started is not None:
                 warm_at = self.command_started + PROXY_WARM_AFTER
@@ -252,6 +257,8 @@ class Session:
                     self.pasta_pidfd = -1
                     if self.netns and self.netns.pasta.poll() is not None and not self.done:
                         self._on_pasta_exit()
+                elif kind == "listener":  # a connection waits: the proxy starts now
+                    self._start_first_proxy()
                 elif kind == "proxy":
                     self._on_proxy_readable(ref)
                 elif kind == "proxy-exit":
@@ -259,6 +266,8 @@ class Session:
                 if self.done:
                     break
             now = time.monotonic()
+            if self.proxy_start_at is not None and now >= self.proxy_start_at and not self.done:
+                self._start_first_proxy()
             if self.proxy and self.proxy.restart_at is not None and now >= self.proxy.restart_at:
                 self._start_proxy(restart=True)
             if self.pending_signal is not None and not self.done and self._command_pid():
@@ -380,9 +389,14 @@ class Session:
                 self.outcome.error = "the netns worker went away before the command started"
                 self.done = True
                 return
-            # The listeners already queue connections: the proxy's fork need not gate "go".
-            if self.proxy is not None and self.proxy.current is None and not self.proxy.incarnations:
-                self._start_proxy(restart=False)
+            # The listeners already queue connections: the proxy starts on the first one, or
+            # PROXY_START_AFTER after "go", whichever comes first, not during the command's
+            # own start (the fork, multiprocess, uvloop and libseccomp in the child: ~80 ms
+            # of CPU that would compete with bwrap on a small machine).
+            if self.proxy is not None and not self.proxy.incarnations:
+                self.proxy_start_at = time.monotonic() + PROXY_START_AFTER
+                for fd in self.proxy.listen_fds:
+                    self.sel.register(fd, selectors.EVENT_READ, ("listener", None))
             self.log.release()  # the info lines held until the command starts (cli.py)
         elif state == "jail-started":
             # The netns worker lives in pasta's pid namespace: its pids are not ours.
@@ -478,6 +492,26 @@ class Session:
         self.done = True
 
     # -- proxy worker --------------------------------------------------------------------
+
+    def _start_first_proxy(self) -> None:
+        """The first incarnation (see "go"): on a waiting connection or the timer."""
+        self.proxy_start_at = None
+        if self.proxy is None or self.proxy.incarnations:
+            return
+        for fd in self.proxy.listen_fds:
+            with contextlib.suppress(KeyError, ValueError):
+                self.sel.unregister(fd)
+        self._start_proxy(restart=False)
+
+    def _backlog_waiting(self) -> bool:
+        """A connection waits in a listener's backlog (a listening socket reads ready)."""
+        import select
+
+        fds = self.proxy.listen_fds if self.proxy else []
+        try:
+            return bool(fds) and bool(select.select(fds, [], [], 0)[0])
+        except (OSError, ValueError):
+            return False
 
     def _start_proxy(self, *, restart: bool) -> None:
         assert self.proxy is not None
@@ -660,6 +694,15 @@ class Session:
     def _stop_proxy(self, told: bool) -> None:
         if not self.proxy:
             return
+        self.proxy_start_at = None
+        for fd in self.proxy.listen_fds:  # watched until the first proxy starts
+            with contextlib.suppress(KeyError, ValueError):
+                self.sel.unregister(fd)
+        if not self.proxy.incarnations and not self.proxy.failed_closed and self._backlog_waiting():
+            # The command ended before the proxy started, leaving connections behind: they
+            # get their verdicts (audited) like any other; then the proxy stops.
+            self._start_first_proxy()
+            told = False
         cur = self.proxy.current
         if cur is not None:  # its last decisions and connection summaries
             if not told:

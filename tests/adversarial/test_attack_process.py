@@ -268,6 +268,12 @@ def test_signals_and_ptrace_cannot_reach_the_supervisor_or_workers(sandbox):
                       stderr=subprocess.PIPE)
     try:
         _line(p.stdout, "READY")
+        _wait_audit(audit, "command-started")
+        # The proxy starts on the first connection or shortly after "go" (issue 10).
+        deadline = time.monotonic() + 30
+        while '"role":"proxy"' not in audit.read_text():
+            assert time.monotonic() < deadline, "the proxy never started"
+            select.select([], [], [], 0.02)
         events = _wait_audit(audit, "command-started")
         pids = {"supervisor": p.pid}
         for e in events:

@@ -74,6 +74,9 @@ def test_worker_restart_and_chain(sandbox, validator, tmp_path):
     while not ready.exists():
         assert time.monotonic() < deadline and p.poll() is None
         time.sleep(0.02)
+    while '"role":"proxy"' not in audit.read_text():  # the proxy starts shortly after "go"
+        assert time.monotonic() < deadline and p.poll() is None
+        time.sleep(0.02)
     lines = [json.loads(x) for x in audit.read_text().splitlines() if x.strip()]
     proxy_pid = next(e["process"]["pid"] for e in lines if e["event"]["action"] == "worker-started"
                      and e["agentpen"].get("role") == "proxy")

@@ -40,6 +40,7 @@ def test_kill_9_of_the_proxy_keeps_the_command_and_serves_the_next_connection(sa
         audit=audit, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     _wait(ready.exists, "the command to start")
+    _wait(lambda: '"role":"proxy"' in audit.read_text(), "the proxy (it starts shortly after go)")
     proxy = [e for e in _events(audit) if e["event"]["action"] == "worker-started"
              and e.get("agentpen", {}).get("role") == "proxy"]
     assert proxy, "no proxy worker-started event"

@@ -16,7 +16,9 @@ def _tree(root):
 
 def test_confined_command_runs_through_all_three_workers(sandbox):
     before = _tree(sandbox.home)
-    r = sandbox.run("--", "sh", "-c", "id -u; ls -A ~; ls -A .; test -e .envrc && echo covered; echo hi")
+    # The command outlives PROXY_START_AFTER: the proxy starts even without a connection.
+    r = sandbox.run("--", "sh", "-c", "id -u; ls -A ~; ls -A .; test -e .envrc && echo covered; "
+                    "sleep 0.6; echo hi")
     assert "covered" in r.stdout  # positive control: the protection placeholder existed inside
     # ...and nothing is left behind in the project (placeholders removed) or the home.
     assert _tree(sandbox.home) == before
@@ -143,8 +145,15 @@ def test_workers_are_confined_while_the_command_runs(sandbox):
         events = _lines(audit)
         netns_pid = next(e["agentpen"]["worker_pid"] for e in events
                          if e["event"]["action"] == "setup-step" and e["agentpen"]["worker"] == "netns")
+        while '"role":"proxy"' not in audit.read_text():  # started PROXY_START_AFTER after "go"
+            assert time.monotonic() < deadline and p.poll() is None
+            time.sleep(0.02)
+        events = _lines(audit)
         proxy_pid = next(e["process"]["pid"] for e in events if e["event"]["action"] == "worker-started"
                          and e["agentpen"].get("role") == "proxy")
+        while _status(proxy_pid)["Seccomp"] != "2":  # it confines itself once its imports are done
+            assert time.monotonic() < deadline and p.poll() is None
+            time.sleep(0.02)
         netns, proxy = _status(netns_pid), _status(proxy_pid)
         # Positive control: the probe reads a real process (our own, unconfined).
         me = _status(os.getpid())
@@ -193,3 +202,21 @@ def test_both_ways_of_starting_the_netns_worker_verify_and_run(sandbox, how):
         assert steps["netns-cross-checked"]["event"]["outcome"] == "success"
     else:
         assert "netns-cross-checked" not in steps
+
+
+def test_the_proxy_starts_on_the_first_connection_or_soon_after_go(sandbox):
+    """Not during the command's own start (issue 10): a command that ends at once and
+    connects nowhere never has one; a command that connects at once starts it (and its
+    connection is judged and audited like any other)."""
+    r = sandbox.run("--", "true")
+    assert r.returncode == 0, r.stderr
+    roles = {e.get("agentpen", {}).get("role") for e in r.audit() if e["event"]["action"] == "worker-started"}
+    assert "proxy" not in roles and {"pasta", "jail"} <= roles, roles
+    # Positive control: the first connection starts it at once (the sandbox's own
+    # connect() succeeds on the backlog; the ClientHello-less probe is denied and audited).
+    probe = ("import socket; s = socket.create_connection(('127.0.0.1', 443), 5); "
+             "s.sendall(b'not a hello'); s.recv(1)")
+    r = sandbox.run("--", "python3", "-c", probe)
+    roles = {e.get("agentpen", {}).get("role") for e in r.audit() if e["event"]["action"] == "worker-started"}
+    assert "proxy" in roles, (roles, r.stderr)
+    assert "connection-denied" in r.actions(), r.actions()
