@@ -1,4 +1,7 @@
-"""The proxy worker: SNI-gated TLS passthrough on uvloop (docs/proxy.md).
+"""The proxy worker: SNI-gated TLS passthrough (docs/proxy.md).
+
+uvloop runs the channel, the timers and DNS; the connections' sockets live in the
+worker's own edge-triggered epoll set, which uvloop watches as one descriptor.
 
 Runs in a child the supervisor forks. It accepts on listening sockets that live in
 the sandbox's network namespace (passed in by fd, never bound here), judges each
@@ -71,7 +74,7 @@ class Limits:
     max_outbox: int = 4096  # channel messages queued while the supervisor is slow
     verdict_grace: float = 1.0  # at shutdown, for accepted connections to be judged
     upstream_port: int = 443
-    listen_backlog: int = 65535  # uvloop re-listen()s; the kernel clamps to somaxconn
+    listen_backlog: int = 65535  # the worker re-listen()s; the kernel clamps to somaxconn
 
 
 def proxy_main(channel_fd: int, listen_fds: list[int], policy_json: dict, incarnation: int, *,
