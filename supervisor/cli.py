@@ -103,14 +103,14 @@ def _early_network(argv: list[str]) -> Any:
 def _main(argv: list[str]) -> int:
     if not _looks_like_a_session(argv):
         return _session_main(argv)
-    from agentpen.workers.netns import pasta
+    from agentpen.workers.netns import probe
 
-    pasta.start_probes()  # they run while we import and parse (issue 10)
+    probe.start_early()  # pasta's feature probes run while we import and parse (issue 10)
     early = _early_network(argv)
     try:
         return _session_main(argv, early)
     finally:
-        pasta.discard_probes()
+        probe.discard()
         if early is not None and not early.handed_over:
             early.abandon()  # the session never started: take pasta and its namespace down
 

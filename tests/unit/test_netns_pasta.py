@@ -228,3 +228,26 @@ def test_argv_property_no_door_beyond_the_policy(pubs, host_ports, new):
     takes_value = [a for a, b in itertools.pairwise(head)
                    if a.startswith("-") and not b.startswith("-")]
     assert set(takes_value) <= known
+
+
+def test_early_probes_are_read_by_detect_features_and_discarded_when_unused(tmp_path):
+    from agentpen.workers.netns import probe
+
+    with pytest.raises(LookupError):
+        probe.resolve(str(tmp_path / "no-pasta-here"))
+    probe.start_early(str(tmp_path / "no-pasta-here"))  # best effort: nothing started, no error
+    assert probe._started == {}
+    fake = tmp_path / "pasta"
+    fake.write_text("#!/bin/sh\necho '  --tcp-ports --udp-ports --tcp-ns --udp-ns --quiet --foreground "
+                    "--no-map-gw'\n")
+    fake.chmod(0o755)
+    probe.start_early(str(fake))
+    assert len(probe._started) == 1
+    pasta._feature_cache.clear()
+    features = pasta.detect_features(str(fake))  # reads the early probes, then caches
+    assert features.has("--no-map-gw") and probe._started == {}
+    fake.write_text(fake.read_text() + "# changed\n")  # another binary: probed anew
+    probe.start_early(str(fake))
+    assert len(probe._started) == 1
+    probe.discard()  # the run ended before pasta: reaped, none left
+    assert probe._started == {}

@@ -9,7 +9,6 @@ RA and gateway mapping are switched off where the binary supports switching them
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import re
@@ -22,6 +21,7 @@ from typing import Any
 from agentpen.core.events import make_event
 from agentpen.core.osutil import set_pdeathsig
 from agentpen.core.policy import Doors, SessionPolicy
+from agentpen.workers.netns import probe
 from agentpen.workers.netns.errors import NetnsSetupError
 
 # Long options we need, every one of them, or pasta cannot be made safe (fail closed).
@@ -154,69 +154,21 @@ def _check_port(port: Any, what: str) -> None:
 
 
 _feature_cache: dict[tuple[str, int, int], PastaFeatures] = {}
-_Probe = tuple[str, "subprocess.Popen[str] | None", "BaseException | None"]
-_probes: dict[tuple[str, int, int], list[_Probe]] = {}  # started, not yet read
-
-
-def _resolve(pasta_path: str) -> tuple[str, tuple[str, int, int]]:
-    from shutil import which
-
-    resolved = which(pasta_path) or which(pasta_path, path="/usr/bin:/usr/sbin:/bin:/sbin")
-    if resolved is None:
-        raise NetnsSetupError(
-            f"pasta not found ({pasta_path!r})",
-            "install the passt package (apt-get install passt) or give the path to pasta",
-        )
-    # Never realpath() the binary we run: pasta is a symlink to passt, and the program
-    # picks its mode from argv[0]. stat() follows the link for the cache key.
-    resolved = os.path.abspath(resolved)
-    st = os.stat(resolved)
-    return resolved, (resolved, st.st_mtime_ns, st.st_size)
-
-
-def _start_probes(resolved: str) -> list[_Probe]:
-    # Both probes at once: each is a fork+exec of pasta.
-    procs: list[_Probe] = []
-    for flag in ("--help", "--version"):
-        try:
-            procs.append((flag, subprocess.Popen(
-                [resolved, flag], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                stdin=subprocess.DEVNULL, restore_signals=True), None))
-        except OSError as exc:
-            procs.append((flag, None, exc))
-    return procs
-
-
-def start_probes(pasta_path: str = "pasta") -> None:
-    """Start ``pasta --help``/``--version`` now, read by ``detect_features`` later: the
-    CLI calls this first, so that the probes run while it imports and parses (issue 10).
-    Best effort: any failure here is met again, and reported, by detect_features."""
-    try:
-        resolved, key = _resolve(pasta_path)
-    except (NetnsSetupError, OSError):
-        return
-    if key not in _feature_cache and key not in _probes:
-        _probes[key] = _start_probes(resolved)
-
-
-def discard_probes() -> None:
-    """Probes started and never read (the run ended before pasta): reap them."""
-    while _probes:
-        _, procs = _probes.popitem()
-        for _flag, proc, _failed in procs:
-            if proc is not None:
-                with contextlib.suppress(OSError):
-                    proc.kill()
-                proc.communicate()
 
 
 def detect_features(pasta_path: str = "pasta", *, timeout: float = 5.0) -> PastaFeatures:
     """Run ``pasta --help`` once per binary (cached in memory by path, mtime and size)."""
-    resolved, key = _resolve(pasta_path)
+    try:
+        resolved, key = probe.resolve(pasta_path)
+    except LookupError:
+        raise NetnsSetupError(
+            f"pasta not found ({pasta_path!r})",
+            "install the passt package (apt-get install passt) or give the path to pasta",
+        ) from None
     cached = _feature_cache.get(key)
     if cached is not None:
         return cached
-    procs = _probes.pop(key, None) or _start_probes(resolved)
+    procs = probe.take(key) or probe.start(resolved)
     texts = []
     try:
         for flag, proc, failed in procs:
