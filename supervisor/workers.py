@@ -316,6 +316,10 @@ def _fork_verifier(theirs: socket.socket) -> int:
     pid = os.fork()
     if pid == 0:
         try:
+            # Lowest priority first: even its own imports must not take a core from the
+            # supervisor, pasta or the worker while they start.
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, 0, 19)
             from agentpen.core.osutil import close_fds_except, set_name, set_pdeathsig
 
             set_pdeathsig(signal.SIGKILL, expected_parent=parent)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import tomllib
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import Any
 
 from agentpen.core.policy import Mount
@@ -67,9 +66,11 @@ def _spec(name: str, d: Any) -> AgentSpec:
 def load_registry(extra: dict[str, Any] | None = None) -> dict[str, AgentSpec]:
     """Shipped agents, then `extra` (the config file's [agents.*] tables): a table
     for a known agent replaces the keys it names, a new name adds an agent."""
-    raw = tomllib.loads(
-        resources.files("agentpen.workers.jail").joinpath("agents.toml").read_text()
-    )
+    # Beside this module (package data): importlib.resources would import pathlib and
+    # zipfile on the start-up path for a file that is always a plain file here.
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "agents.toml"),
+              encoding="utf-8") as f:
+        raw = tomllib.loads(f.read())
     for name, table in (extra or {}).items():
         if not isinstance(table, dict):
             raise RegistryError(f"agent {name}: must be a table")
