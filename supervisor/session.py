@@ -23,7 +23,7 @@ from agentpen.core.events import make_event
 from agentpen.core.policy import Doors, SessionPolicy
 from agentpen.supervisor.errors import EXIT_AGENTPEN, AgentpenError, SetupFailed
 from agentpen.supervisor.signals import SignalFd
-from agentpen.supervisor.workers import NetnsWorker, ProxySupervisor
+from agentpen.supervisor.workers import PRELOAD, NetnsWorker, ProxySupervisor
 
 SETUP_TIMEOUT = 30.0  # from pasta's start to the command's start
 TEARDOWN_TIMEOUT = 5.0
@@ -197,6 +197,9 @@ class Session:
                 "env_names": sorted(p.env),
             },
         ), sender="supervisor", pid=os.getpid(), durable=True)
+        # While we wait for the namespace to be verified: structlog for the console lines
+        # printed after "go" (a thread; no fork happens before the next PRELOAD.join()).
+        PRELOAD.start("structlog")
         if not self.audit.healthy:
             # The start of the session is not on disk: no command may run unrecorded.
             self._audit_was_healthy = False  # this is the one message about it
