@@ -97,6 +97,22 @@ def set_name(name: bytes) -> None:
     _prctl(15, ctypes.addressof(buf))  # PR_SET_NAME
 
 
+def replace_environment(env: dict[str, str]) -> None:
+    """A forked worker's environment becomes `env`, and the user's is wiped from memory
+    where it is known to be: os.environ and libc's copy are replaced, and the strings the
+    kernel put on the stack at the supervisor's exec (what /proc/PID/environ shows, and
+    what a fork inherits) are overwritten with zeros. Nothing refers to them any more:
+    Python and libc copied what they use at start-up."""
+    os.environ.clear()
+    os.environ.update(env)
+    with open("/proc/self/stat", "rb") as f:
+        stat = f.read()
+    fields = stat[stat.rindex(b")") + 2:].split()  # fields[0] is field 3 (state)
+    start, end = int(fields[47]), int(fields[48])  # env_start, env_end (fields 50, 51)
+    if 0 < start < end:
+        ctypes.memset(ctypes.c_void_p(start), 0, end - start)
+
+
 def set_no_new_privs() -> None:
     _prctl(PR_SET_NO_NEW_PRIVS, 1)
 

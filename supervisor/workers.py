@@ -342,9 +342,11 @@ def _proxy_entry(channel_fd: int, listen_fds: list[int], policy_json: dict, inca
     """First code of a forked proxy worker (runs in the child)."""
     # Nothing of the supervisor's stays open while the server module is imported (tens of
     # ms): a copy of, say, pasta's holder socket would keep pasta up after the session.
-    from agentpen.core.osutil import close_fds_except
+    from agentpen.core.osutil import close_fds_except, replace_environment
 
     close_fds_except([channel_fd, *listen_fds])
+    # It parses attacker bytes: none of the user's environment (tokens, keys) in it.
+    replace_environment(minimal_env())
     # The supervisor blocks its signals for its signalfd; a worker starts clean.
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1):

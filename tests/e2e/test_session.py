@@ -220,3 +220,42 @@ def test_the_proxy_starts_on_the_first_connection_or_soon_after_go(sandbox):
     roles = {e.get("agentpen", {}).get("role") for e in r.audit() if e["event"]["action"] == "worker-started"}
     assert "proxy" in roles, (roles, r.stderr)
     assert "connection-denied" in r.actions(), r.actions()
+
+
+def test_workers_hold_none_of_the_users_environment(sandbox):
+    """The netns worker and the proxy are forks of the supervisor, which has the user's
+    whole environment (tokens, keys). Both replace theirs and zero the strings inherited
+    from the supervisor's exec (what /proc/PID/environ shows)."""
+    secret = f"agentpen-secret-{os.getpid()}-{time.monotonic_ns()}"
+    ready, go = sandbox.project / "ready", sandbox.project / "go"
+    audit = sandbox.root / "env.jsonl"
+    p = sandbox.popen("--", "sh", "-c", f"touch {ready}; while [ ! -e {go} ]; do sleep 0.02; done",
+                      audit=audit, env=sandbox.env(AGENTPEN_TEST_SECRET=secret),
+                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists() or '"role":"proxy"' not in audit.read_text():
+            assert time.monotonic() < deadline and p.poll() is None
+            time.sleep(0.02)
+        events = _lines(audit)
+        netns = next(e["agentpen"]["worker_pid"] for e in events
+                     if e["event"]["action"] == "setup-step" and e["agentpen"]["worker"] == "netns")
+        proxy = next(e["process"]["pid"] for e in events if e["event"]["action"] == "worker-started"
+                     and e["agentpen"].get("role") == "proxy")
+        nsjoin = int(_status(netns)["PPid"])
+        while _status(proxy)["Seccomp"] != "2":  # its start is done (it confines itself last)
+            assert time.monotonic() < deadline and p.poll() is None
+            time.sleep(0.02)
+
+        def environ(pid: int) -> bytes:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                return f.read()
+
+        # Positive control: the probe finds the secret where it is (the supervisor).
+        assert secret.encode() in environ(p.pid)
+        for role, pid in (("netns worker", netns), ("nsjoin", nsjoin), ("proxy", proxy)):
+            assert secret.encode() not in environ(pid), role
+    finally:
+        go.touch()
+        p.communicate(timeout=30)
+    assert p.returncode == 0

@@ -642,8 +642,7 @@ def forked_main(channel_fd: int, stdio: list[int], verifier_fd: int, holder_fd: 
         signal.signal(sig, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
     # Nothing of the supervisor's environment (the user's: tokens, keys) stays in ours.
-    os.environ.clear()
-    os.environ.update(env)
+    os_util.replace_environment(env)
     os_util.close_fds_except({channel_fd, *stdio, holder_fd, verifier_fd})
     with contextlib.suppress(OSError):
         os_util.set_name(b"agentpen-netns")
