@@ -199,7 +199,10 @@ class Session:
         ), sender="supervisor", pid=os.getpid(), durable=True)
         # While we wait for the namespace to be verified: structlog for the console lines
         # printed after "go" (a thread; no fork happens before the next PRELOAD.join()).
-        PRELOAD.start("structlog")
+        # None held (a quieter --log-level): no import at all, its CPU would only compete
+        # with the command's start (a later warning imports it then).
+        if getattr(self.log, "holding", lambda: True)():
+            PRELOAD.start("structlog")
         if not self.audit.healthy:
             # The start of the session is not on disk: no command may run unrecorded.
             self._audit_was_healthy = False  # this is the one message about it

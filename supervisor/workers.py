@@ -170,8 +170,8 @@ class NetnsWorker:
                 if holder is not None:
                     holder.close()  # pasta's and the holder's copies are the ones that count
                     forked = _fork_netns_worker(wk, stdio, verifier, ours, proc.pid)  # type: ignore[arg-type]
-                if pair:
-                    verifier_pid = _fork_verifier(pair[1])  # a dead verifier fails closed
+                if pair:  # a dead verifier fails closed
+                    verifier_pid = _fork_verifier(pair[1], cross_check=holder is not None)
             except BaseException:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
@@ -302,13 +302,15 @@ def _verifier_pair() -> tuple[socket.socket, socket.socket] | None:
     return socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
 
 
-def _fork_verifier(theirs: socket.socket) -> int:
+def _fork_verifier(theirs: socket.socket, *, cross_check: bool) -> int:
     """Fork the process that reads the sandbox's network with pyroute2 (issue 10); its pid.
 
-    It imports pyroute2 (120-330 ms here, at nice 19) while pasta builds the namespace
-    and the netns worker starts, then receives a NETLINK_ROUTE socket that the worker
-    creates inside the namespace (workers/netns/main.RemoteVerifier) and answers one
-    line: the gate for a pasta-started worker, the cross-check for a forked one. Our
+    It receives a NETLINK_ROUTE socket that the worker creates inside the namespace
+    (workers/netns/main.RemoteVerifier) and answers one line. As the gate of a
+    pasta-started worker it imports pyroute2 (120-330 ms here, at nice 19) while pasta
+    builds the namespace and the worker starts. As the ``cross_check`` of a forked
+    worker it waits, idle, for the socket, which comes CROSSCHECK_AFTER the jail
+    started: even at nice 19 the import slowed the command's start by ~20 ms. Our
     child, killed and reaped at teardown (an unfinished cross-check must not outlive
     the session), and dead with us (PDEATHSIG). Every descriptor but its socket is
     closed, stdio goes to /dev/null. Call while single-threaded (see _verifier_pair)."""
@@ -329,6 +331,10 @@ def _fork_verifier(theirs: socket.socket) -> int:
             close_fds_except({theirs.fileno()})
             with contextlib.suppress(OSError):
                 set_name(b"agentpen-verify")
+            if cross_check:  # not one import before the socket (or EOF) arrives
+                import select
+
+                select.select([theirs], [], [])
             from agentpen.workers.netns.main import serve_remote_verifier
 
             serve_remote_verifier(theirs.fileno())

@@ -114,6 +114,10 @@ class Console:
         self.release()
         getattr(self._structlog(), method)(event, **fields)
 
+    def holding(self) -> bool:
+        """Lines are held for ``release()`` (each of them will be printed)."""
+        return bool(self._held)
+
     def release(self) -> None:
         """Print what is held, and hold nothing from now on."""
         held, self._held = self._held, None

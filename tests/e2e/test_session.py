@@ -191,13 +191,15 @@ def test_both_ways_of_starting_the_netns_worker_verify_and_run(sandbox, how):
     gate, then pyroute2's cross-check), or started by pasta as a new interpreter (the
     fallback: pyroute2 is the gate). Same namespace, same checks, same result."""
     env = sandbox.env(**({"AGENTPEN_NETNS_WORKER": "exec"} if how == "exec" else {}))
-    r = sandbox.run("--", "sh", "-c", "sleep 1; echo ok", env=env)
+    # Two seconds: pyroute2 reads the namespace CROSSCHECK_AFTER (0.25 s) after the jail
+    # starts, at nice 19 (docs/netns.md).
+    r = sandbox.run("--", "sh", "-c", "sleep 2; echo ok", env=env)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
     steps = {e["agentpen"]["step"]: e for e in r.audit() if e["event"]["action"] == "setup-step"}
     assert steps["netns-verified"]["agentpen"]["checked_by"] == ("rtnetlink" if how == "forked"
                                                                 else "pyroute2")
     assert steps["netns-verified"]["agentpen"]["network"]["closed"] is True
-    if how == "forked":  # pyroute2 confirmed within the command's second
+    if how == "forked":  # pyroute2 confirmed while the command ran
         assert steps["netns-cross-checked"]["agentpen"]["completed"] is True, steps
         assert steps["netns-cross-checked"]["event"]["outcome"] == "success"
     else:

@@ -96,3 +96,16 @@ def test_structlog_is_imported_only_when_a_line_is_printed():
             "print(a, 'structlog' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "True"]  # the control: printing does import it
+
+
+def test_holding_says_whether_a_held_line_will_be_printed():
+    """The session preloads structlog only when something held will be printed."""
+    quiet = setup_console("json", "warning", stream=io.StringIO(), hold=True)
+    quiet.info("filtered out at warning")
+    assert not quiet.holding()
+    loud = setup_console("json", "info", stream=io.StringIO(), hold=True)
+    assert not loud.holding()
+    loud.info("held")
+    assert loud.holding()  # the positive control
+    loud.release()
+    assert not loud.holding()

@@ -229,3 +229,37 @@ def test_server_bind_failure_fails_closed_without_leaking():
     finally:
         taken.close()
     assert set(os.listdir("/proc/self/fd")) <= before
+
+
+def test_the_dns_module_creates_sockets_without_dnslib_and_warm_loads_it():
+    """The netns worker creates the DNS sockets before the command starts without paying
+    for dnslib or the allowlist (issue 10); warm() builds both, and a server built from
+    an allowlist answers like one given a matcher."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from agentpen.workers.netns.dns import DnsServer; "
+            "s = DnsServer(allow=['api.example.com'], port=0, addresses=('127.0.0.1',)); "
+            "a = 'dnslib' in sys.modules or 'agentpen.workers.proxy.allowlist' in sys.modules; "
+            "s.warm(); b = 'dnslib' in sys.modules and s.matcher is not None; s.close(); print(a, b)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["False", "True"], out.stderr
+
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    try:
+        server = DnsServer(allow=["api.example.com"], port=port, addresses=("127.0.0.1",))
+    except OSError as exc:
+        pytest.skip(f"port {port} raced away: {exc}")
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            client.settimeout(5)
+            client.sendto(DNSRecord.question("API.example.com").pack(), ("127.0.0.1", port))
+            client.sendto(DNSRecord.question("evil.net").pack(), ("127.0.0.1", port))
+            server.handle_readable(server.fileno_list()[0])  # not warmed: warms itself
+            assert str(DNSRecord.parse(client.recv(4096)).rr[0].rdata) == "127.0.0.1"
+            assert DNSRecord.parse(client.recv(4096)).header.rcode == RCODE.NXDOMAIN
+    finally:
+        server.close()

@@ -132,3 +132,28 @@ def test_cross_check_not_answered_is_reported_as_incomplete():
     body = cross.incomplete()
     assert body["event"]["outcome"] == "unknown" and body["agentpen"]["completed"] is False
     assert cross.sock is None
+
+
+def test_cross_check_start_hands_the_verifier_a_netlink_socket():
+    """Not before ``start()`` (serve() calls it CROSSCHECK_AFTER the jail started): then
+    one NETLINK_ROUTE socket of this namespace, which the verifier dumps through."""
+    ours, theirs = socket.socketpair()
+    cross = netns_main.CrossCheck(_FakeVerifier(ours), GATE)
+    theirs.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        theirs.recv(1)  # nothing sent at construction
+    cross.start()
+    theirs.setblocking(True)
+    theirs.settimeout(5)
+    msg, fds, _, _ = socket.recv_fds(theirs, 16, 2)
+    try:
+        assert msg == b"v" and len(fds) == 1
+        nl = socket.socket(fileno=os.dup(fds[0]))
+        assert (nl.family, nl.proto) == (socket.AF_NETLINK, socket.NETLINK_ROUTE)
+        nl.close()
+    finally:
+        for fd in fds:
+            os.close(fd)
+        cross.close()
+        theirs.close()
+    assert 0 < netns_main.CROSSCHECK_AFTER <= 1.0

@@ -1,6 +1,7 @@
 """The sandbox's DNS: allowlisted names resolve to loopback, everything else fails at once.
 
-``answer()`` is pure (bytes in, bytes out, dnslib for the wire format). ``DnsServer`` owns
+``answer()`` is pure (bytes in, bytes out, dnslib for the wire format: ``dnswire.py``,
+imported once the command has started). ``DnsServer`` owns
 the UDP sockets on 127.0.0.1:53 and [::1]:53 inside the namespace and feeds them to it.
 No query is ever forwarded: there is no upstream resolver and no route to one.
 
@@ -14,16 +15,12 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from agentpen.core.events import make_event
 from agentpen.workers.netns.errors import NetnsSetupError
-from dnslib import AAAA, EDNS0, QTYPE, RCODE, RR, A, DNSError, DNSHeader, DNSRecord, EDNSOption
-from dnslib.buffer import Buffer
-from dnslib.buffer import BufferError as DNSBufferError
-from dnslib.label import DNSLabelError
 
 Matcher = Callable[[str], "str | None"]
 
@@ -31,7 +28,6 @@ TTL = 5  # short: a changed allowlist or a restarted session never sees stale an
 EDE_OPTION = 15  # RFC 8914: the EDNS option code of an Extended DNS Error
 EDE_BLOCKED = 15  # ... and its info code "Blocked"
 EDE_TEXT = b"agentpen: name not in the allowlist"
-_ANSWERS = {QTYPE.A: (A, "127.0.0.1"), QTYPE.AAAA: (AAAA, "::1")}
 MAX_NAMES_TRACKED = 10_000  # distinct refused names remembered (bounded memory)
 
 
@@ -46,106 +42,13 @@ class DnsDecision:
     rule: str | None = None  # the allowlist entry that matched
 
 
-def _name_of(qname: Any) -> str | None:
-    """The queried name as the allowlist sees it, or None if it is no hostname at all."""
-    labels = getattr(qname, "label", None)
-    if labels is None:
-        return None
-    parts = []
-    for label in labels:
-        if not label or len(label) > 63 or not label.isascii() or b"." in label:
-            return None
-        parts.append(label.decode("ascii").lower())
-    name = ".".join(parts)
-    return name if name and len(name) <= 253 else None
-
-
-def _formerr(query: bytes) -> bytes | None:
-    if len(query) < 12:  # not even a header: nobody to answer
-        return None
-    qid = int.from_bytes(query[:2], "big")
-    if query[2] & 0x80:  # a response: never answer those (no reflection loops)
-        return None
-    rd = (query[2] & 0x01) == 1
-    buf = Buffer()
-    DNSHeader(id=qid, qr=1, rd=int(rd), ra=1, rcode=RCODE.FORMERR).pack(buf)  # no question
-    return bytes(buf.data)
-
-
-# DNSLabelError and dnslib's BufferError are not DNSError subclasses; dnslib follows
-# compression pointers recursively, so a pointer loop is a RecursionError.
-_PARSE_ERRORS = (DNSError, DNSLabelError, DNSBufferError, ValueError, IndexError, UnicodeError,
-                 TypeError, RecursionError)
-
-
-def _compressed_question(query: bytes) -> bool:
-    """Does the first question's name use a compression pointer (or run off the end)?
-    Stub resolvers never compress the question; a pointer there can only loop or point
-    forward, and dnslib would chase a loop to the recursion limit (~3 ms a datagram,
-    found by tests/fuzz/fuzz_policy.py). Refused before dnslib sees it."""
-    pos = 12
-    while pos < len(query):
-        n = query[pos]
-        if n == 0:
-            return False
-        if n & 0xC0:
-            return True
-        pos += 1 + n
-    return True  # no terminating root label
-
-
 def answer(query: bytes, matcher: Matcher, *, learn: bool) -> tuple[bytes | None, DnsDecision]:
-    """Pure: the reply to one DNS query (None: send nothing) and what was decided.
+    """Pure: the reply to one DNS query (None: send nothing) and what was decided; never
+    raises (see ``dnswire.answer``, where dnslib is imported: ~10 ms that the worker pays
+    after the command has started, not before, see ``DnsServer.warm``)."""
+    from agentpen.workers.netns.dnswire import answer as wire_answer
 
-    Never raises on any input: dnslib parses some questions it cannot pack again (a label
-    over 63 bytes: found by tests/fuzz/fuzz_policy.py), and an exception here would take the
-    netns worker, and with it the session, down. Those get a header-only FORMERR."""
-    try:
-        return _answer(query, matcher, learn=learn)
-    except _PARSE_ERRORS:
-        reply = _formerr(query)
-        return reply, DnsDecision("malformed", rcode="FORMERR" if reply else None)
-
-
-def _answer(query: bytes, matcher: Matcher, *, learn: bool) -> tuple[bytes | None, DnsDecision]:
-    if len(query) > 12 and query[4:6] != b"\0\0" and _compressed_question(query):
-        raise DNSError("compressed or unterminated question name")
-    req = DNSRecord.parse(query)
-    if req.header.qr:
-        return None, DnsDecision("ignored")
-    reply = req.reply()  # same id, rd copied, qr=1, ra=1
-    reply.rr, reply.auth, reply.ar = [], [], []
-    if req.header.opcode != 0:  # only QUERY
-        reply.header.rcode = RCODE.NOTIMP
-        return bytes(reply.pack()), DnsDecision("unsupported", rcode="NOTIMP")
-    if len(req.questions) != 1:
-        reply.header.rcode = RCODE.FORMERR
-        return bytes(reply.pack()), DnsDecision("malformed", rcode="FORMERR")
-    q = req.questions[0]
-    qtype = QTYPE.get(q.qtype, str(q.qtype))
-    name = _name_of(q.qname)
-    if name is None:
-        reply.header.rcode = RCODE.NXDOMAIN
-        return bytes(reply.pack()), DnsDecision("refused", None, qtype, "NXDOMAIN")
-    if q.qclass != 1:  # only IN
-        reply.header.rcode = RCODE.REFUSED
-        return bytes(reply.pack()), DnsDecision("unsupported", name, qtype, "REFUSED")
-    rule = matcher(name)
-    if rule is None and not learn:
-        reply.header.rcode = RCODE.NXDOMAIN
-        if any(rr.rtype == QTYPE.OPT for rr in req.ar):  # EDNS client: say why
-            ede = EDE_BLOCKED.to_bytes(2, "big") + EDE_TEXT
-            reply.add_ar(EDNS0(udp_len=1232, opts=[EDNSOption(EDE_OPTION, ede)]))
-        return bytes(reply.pack()), DnsDecision("refused", name, qtype, "NXDOMAIN")
-    wanted = [QTYPE.A, QTYPE.AAAA] if q.qtype == QTYPE.ANY else [q.qtype]
-    for t in wanted:
-        if t in _ANSWERS:
-            cls, addr = _ANSWERS[t]
-            reply.add_answer(RR(q.qname, t, rdata=cls(addr), ttl=TTL))
-    # Other types (MX, TXT, HTTPS...) get NOERROR with no answer: the name exists, only
-    # its loopback addresses do.
-    verdict = "allowed" if rule is not None else "learned"
-    return bytes(reply.pack()), DnsDecision(verdict, name, qtype, "NOERROR", rule)
+    return wire_answer(query, matcher, learn=learn)
 
 
 class RateLimiter:
@@ -232,10 +135,11 @@ class DnsServer:
     """UDP DNS on the namespace's loopback. Create it while still privileged (port 53
     needs CAP_NET_BIND_SERVICE in the user namespace); serve it after the drop."""
 
-    def __init__(self, matcher: Matcher, *, learn: bool = False, port: int = 53,
-                 addresses: tuple[str, ...] = ("127.0.0.1", "::1"),
+    def __init__(self, matcher: Matcher | None = None, *, allow: Sequence[str] = (), learn: bool = False,
+                 port: int = 53, addresses: tuple[str, ...] = ("127.0.0.1", "::1"),
                  audit: DnsAudit | None = None, budget: int = 64) -> None:
-        self.matcher = matcher
+        # Without a matcher, ``warm()`` builds one from ``allow`` (the proxy's Allowlist).
+        self.matcher, self.allow = matcher, tuple(allow)
         self.learn = learn
         self.audit = audit or DnsAudit()
         self.budget = budget  # datagrams per handle_readable call: fair to other fds
@@ -259,6 +163,15 @@ class DnsServer:
                 "pasta made, before dropping capabilities; the port must be free",
             ) from exc
 
+    def warm(self) -> None:
+        """The matcher and the wire format, imported and built now (the netns worker calls
+        this once the jail runs: neither is needed before the first query)."""
+        if self.matcher is None:
+            from agentpen.workers.proxy.allowlist import Allowlist
+
+            self.matcher = Allowlist(self.allow).match
+        import agentpen.workers.netns.dnswire  # noqa: F401
+
     def fileno_list(self) -> list[int]:
         return list(self.socks)
 
@@ -272,6 +185,8 @@ class DnsServer:
     def handle_readable(self, fd: int) -> list[dict[str, Any]]:
         """Answer what is waiting on ``fd``; return the audit event bodies to send."""
         sock = self.socks[fd]
+        if self.matcher is None:
+            self.warm()
         events: list[dict[str, Any]] = []
         for _ in range(self.budget):
             try:
@@ -282,7 +197,7 @@ class DnsServer:
                 continue
             self.stats["queries"] += 1
             try:
-                reply, decision = answer(data, self.matcher, learn=self.learn)
+                reply, decision = answer(data, self.matcher, learn=self.learn)  # type: ignore[arg-type]
             except Exception:  # a bug must not stop the resolver: no answer (closed), counted
                 self.stats["errors"] += 1
                 continue

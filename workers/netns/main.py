@@ -209,15 +209,7 @@ class RemoteVerifier:
         self.sock: Any = socket.socket(fileno=fd)
 
     def dump(self) -> None:
-        import socket
-
-        nl = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, socket.NETLINK_ROUTE)
-        try:
-            socket.send_fds(self.sock, [b"v"], [nl.fileno()])
-        except OSError:
-            pass  # the verifier is gone: result() reports it
-        finally:
-            nl.close()
+        _send_netlink_socket(self.sock)  # the verifier gone: result() reports it
 
     def result(self) -> dict:
         data = b""
@@ -234,6 +226,19 @@ class RemoteVerifier:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+
+
+def _send_netlink_socket(sock: Any) -> None:
+    """A NETLINK_ROUTE socket of this namespace to the verifier, which dumps through it."""
+    import socket
+
+    nl = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, socket.NETLINK_ROUTE)
+    try:
+        socket.send_fds(sock, [b"v"], [nl.fileno()])
+    except OSError:
+        pass  # the verifier is gone: its answer (EOF) says so, and fails closed
+    finally:
+        nl.close()
 
 
 def pyroute2_state(fd: int) -> dict:
@@ -277,17 +282,14 @@ def pyroute2_state(fd: int) -> dict:
 
 def serve_remote_verifier(fd: int) -> None:
     """The verifier process's body (forked by the supervisor, every other descriptor
-    closed): import pyroute2 now, wait for the netlink socket, answer, return."""
+    closed, at nice 19): import pyroute2, wait for the netlink socket, answer, return.
+    As the gate (a pasta-started worker) it imports while the worker starts; as the
+    cross-check its parent made it wait for the socket first (CROSSCHECK_AFTER)."""
     import socket
 
     sock = socket.socket(fileno=fd)
-    # Lowest priority: pyroute2's import (120-300 ms of CPU) must not take a core from
-    # the supervisor, the worker or the command's start while they need one; it
-    # confirms the rtnetlink gate after the command has started (CrossCheck).
-    with contextlib.suppress(OSError):
-        os.setpriority(os.PRIO_PROCESS, 0, 19)
     with contextlib.suppress(ImportError):  # reported by the dump below: fail closed
-        import pyroute2  # noqa: F401  # the cost we are here to pay early
+        import pyroute2  # noqa: F401  # the cost we are here to pay (early, as the gate)
     try:
         msg, fds, _, _ = socket.recv_fds(sock, 16, 1)
     except OSError:
@@ -321,19 +323,31 @@ def _wait_text(status: int) -> str:
     return f"status {os.WEXITSTATUS(status)}"
 
 
+# The cross-check starts this long after the jail: pyroute2's import (~100 ms of CPU,
+# even at nice 19 on another core) slowed the command's own start by ~20 ms on two
+# cores (issue 10). A command that ends sooner is reported as not cross-checked.
+CROSSCHECK_AFTER = 0.25
+
+
 class CrossCheck:
     """pyroute2's reading of the namespace, after the rtnetlink gate (``setup`` with
-    ``crosscheck``): the supervisor's verifier has been importing pyroute2 since pasta
-    started, gets the netlink socket when the gate has passed, and answers while the
-    command starts. Its state must equal the gate's; anything else (another state, an
-    error, garbage) ends the sandbox (``serve`` kills the jail and reports the failure).
-    No answer before the command exits is reported as such."""
+    ``crosscheck``): the supervisor's verifier waits, idle, until ``start()`` (called
+    by ``serve`` CROSSCHECK_AFTER after the jail started) hands it a netlink socket of
+    the namespace; it then imports pyroute2 and answers. Its state must equal the
+    gate's; anything else (another state, an error, garbage) ends the sandbox
+    (``serve`` kills the jail and reports the failure). No answer before the command
+    exits is reported as such."""
 
     def __init__(self, verifier: RemoteVerifier, gate: dict) -> None:
         self.sock, verifier.sock = verifier.sock, None  # ours now: read in serve()
         self.gate = json.dumps(gate, sort_keys=True)
         self.data = b""
         self.t0 = time.monotonic()
+
+    def start(self) -> None:
+        """Ask the verifier to read the namespace now."""
+        self.t0 = time.monotonic()
+        _send_netlink_socket(self.sock)
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -394,8 +408,6 @@ def setup(ch: Channel, policy: SessionPolicy, verifier: Verifier | RemoteVerifie
     from agentpen.workers.netns import fds, listeners, nftables, verify
     from agentpen.workers.netns.dns import DnsServer
     from agentpen.workers.netns.errors import NetnsSetupError
-    from agentpen.workers.proxy.allowlist import Allowlist
-
     try:
         t = time.monotonic()
         if fresh_proc:
@@ -409,8 +421,7 @@ def setup(ch: Channel, policy: SessionPolicy, verifier: Verifier | RemoteVerifie
             # The gate, in this process: pyroute2's import (120-300 ms of CPU) would
             # otherwise be the longest wait before the command's first instruction.
             net_state = verify.verify_closed_namespace(backend="stdlib")
-            checked_by = "rtnetlink"
-            verifier.dump()  # pyroute2 reads the same namespace now: CrossCheck in serve()
+            checked_by = "rtnetlink"  # pyroute2 reads the namespace later: CrossCheck in serve()
             from agentpen.workers.jail import launch
 
             launch.seccomp.build_seccomp_program()
@@ -432,8 +443,8 @@ def setup(ch: Channel, policy: SessionPolicy, verifier: Verifier | RemoteVerifie
 
         t = time.monotonic()
         socks = listeners.create_proxy_listeners(port=policy.proxy_port)
-        matcher = Allowlist(policy.allow).match
-        dns = DnsServer(matcher, learn=policy.learn, port=policy.dns_port)
+        # The allowlist's matcher and dnslib come once the jail runs (DnsServer.warm).
+        dns = DnsServer(allow=policy.allow, learn=policy.learn, port=policy.dns_port)
         _step(ch, "listeners", "proxy and DNS sockets created in the namespace", t,
               proxy_port=policy.proxy_port, dns_port=policy.dns_port)
     except NetnsSetupError as exc:
@@ -501,9 +512,9 @@ def start_jail(policy: SessionPolicy, stdio: list[int], covers: list) -> tuple[i
 
 def serve(ch: Channel, dns, jail_pid: int, status_r: int, cross: CrossCheck | None = None) -> None:
     """Step 6: until the jail exits."""
+    dns.warm()  # while bwrap sets the jail up: before the first query, off the command's path
     sel = selectors.DefaultSelector()
-    if cross is not None:
-        sel.register(cross.fileno(), selectors.EVENT_READ, "cross-check")
+    cross_at = time.monotonic() + CROSSCHECK_AFTER if cross is not None else None
     pidfd = os.pidfd_open(jail_pid)
     sel.register(pidfd, selectors.EVENT_READ, "jail-exit")
     sel.register(status_r, selectors.EVENT_READ, "status")
@@ -513,7 +524,13 @@ def serve(ch: Channel, dns, jail_pid: int, status_r: int, cross: CrossCheck | No
     status_buf = b""
     jail_error = None
     while True:
-        for key, _ in sel.select(timeout=1.0):
+        if cross_at is not None and time.monotonic() >= cross_at:
+            assert cross is not None
+            cross_at = None
+            cross.start()
+            sel.register(cross.fileno(), selectors.EVENT_READ, "cross-check")
+        timeout = 1.0 if cross_at is None else max(0.0, min(1.0, cross_at - time.monotonic()))
+        for key, _ in sel.select(timeout=timeout):
             what = key.data
             if what == "dns":
                 for body in dns.handle_readable(key.fd):
@@ -657,7 +674,6 @@ def forked_main(channel_fd: int, stdio: list[int], verifier_fd: int, holder_fd: 
     # While pasta builds the namespace: every module the setup and the jail need.
     from agentpen.workers.jail import launch  # noqa: F401
     from agentpen.workers.netns import dns, fds, listeners, nftables, verify  # noqa: F401
-    from agentpen.workers.proxy import allowlist  # noqa: F401
 
     ch = Channel.from_fd(channel_fd)
     holder_sock = socket.socket(fileno=holder_fd)
