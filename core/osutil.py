@@ -4,7 +4,6 @@ no_new_privs, dropping capabilities, closing inherited descriptors."""
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import signal
 import struct
@@ -24,7 +23,9 @@ def import_pyseccomp() -> Any:
 
     if "pyseccomp" in sys.modules:
         return sys.modules["pyseccomp"]
-    real = ctypes.util.find_library
+    from ctypes import util as ctypes_util  # pyseccomp imports it anyway
+
+    real = ctypes_util.find_library
 
     def find_library(name: str) -> str | None:
         soname = KNOWN_SONAMES.get(name)
@@ -36,11 +37,11 @@ def import_pyseccomp() -> Any:
                 pass
         return real(name)
 
-    ctypes.util.find_library = find_library
+    ctypes_util.find_library = find_library
     try:
         import pyseccomp
     finally:
-        ctypes.util.find_library = real
+        ctypes_util.find_library = real
     return pyseccomp
 
 
@@ -49,7 +50,9 @@ def load_libc() -> ctypes.CDLL:
     try:
         return ctypes.CDLL("libc.so.6", use_errno=True)
     except OSError:  # not glibc (musl...): ask the loader's search
-        return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        from ctypes.util import find_library
+
+        return ctypes.CDLL(find_library("c"), use_errno=True)
 
 
 _libc = load_libc()

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import shutil
 import subprocess
 from dataclasses import asdict, dataclass
 
 from agentpen.core.osutil import load_libc
+from agentpen.core.which import which
 from agentpen.supervisor.errors import LayerUnavailable
 
 MIN_BWRAP = (0, 8, 0)  # --disable-userns appeared in 0.8.0
@@ -149,7 +148,7 @@ def nft_kernel_fix(family: str | None = None) -> str:
 
 
 def _which(name: str) -> str | None:
-    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin:/usr/bin:/bin")
+    return which(name) or which(name, path="/usr/sbin:/sbin:/usr/bin:/bin")
 
 
 def _read(path: str) -> str | None:
@@ -357,8 +356,7 @@ def check_env_default_signal() -> Layer:
 
 
 def check_kernel() -> Layer:
-    rel = platform.release()
-    arch = platform.machine()
+    rel, arch = os.uname().release, os.uname().machine
     ok = arch in ("x86_64", "aarch64")
     return Layer("kernel", ok, f"Linux {rel} {arch}",
                  None if ok else "agentpen's seccomp table covers x86_64 and aarch64 only")
@@ -418,7 +416,7 @@ def render(layers: list[Layer], *, as_json: bool, color: bool, family: str | Non
         return f"\033[{code}m{text}\033[0m" if color else text
 
     width = max(len(x.name) for x in [*layers, Layer("LAYER", True, "")])
-    lines = [f"agentpen --check on {_FAMILY_NAME.get(family, family)} ({platform.release()})", "",
+    lines = [f"agentpen --check on {_FAMILY_NAME.get(family, family)} ({os.uname().release})", "",
              paint(f"{'LAYER'.ljust(width)}  {'STATUS':<8} DETAIL", "1")]
     for x in layers:
         if x.ok:

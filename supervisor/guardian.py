@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import struct
 from collections.abc import Sequence
@@ -138,6 +137,8 @@ def _guard(r: int) -> None:
     with contextlib.suppress(Exception):
         remove_placeholders(orders.covers)
     if orders.scratch_root:  # what the agent wrote under scratch covers: never kept
+        import shutil
+
         shutil.rmtree(orders.scratch_root, ignore_errors=True)
 
 

@@ -5,7 +5,6 @@ with the sender's pid (ssi_pid) for the audit stream."""
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import signal
 import struct

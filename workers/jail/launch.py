@@ -10,7 +10,6 @@ jail has exited, so the placeholders bwrap creates leave nothing in the project.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import os

@@ -5,8 +5,9 @@ symlinks (merged /usr or not, NixOS), and what the user can read in /etc."""
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass, field
+
+from agentpen.core.which import which
 
 # Top-level system paths made visible read-only when present. Anything else at the
 # root (/home, /root, /srv, /mnt, /media, /var, /opt, /boot...) stays invisible.
@@ -78,7 +79,7 @@ def detect_layout(etc_dir: str = "/etc") -> HostLayout:
     except OSError:
         nsswitch = ""
     env_binary = _find_gnu_env()
-    bwrap = shutil.which("bwrap")
+    bwrap = which("bwrap")
     if bwrap is None:
         raise LayoutError("bwrap not found on PATH: install bubblewrap (apt install bubblewrap)")
     return HostLayout(

@@ -186,14 +186,24 @@ def remove_placeholders(covers: Iterable[Cover]) -> list[str]:
     return left
 
 
+def _temp_dir() -> str:
+    """tempfile.gettempdir()'s choice ($TMPDIR, $TEMP, $TMP, then /tmp, /var/tmp,
+    /usr/tmp: the first writable directory) without importing tempfile (random, shutil)
+    or writing a probe file into each candidate, on every session's start (issue 10)."""
+    candidates = [os.environ.get(v) for v in ("TMPDIR", "TEMP", "TMP")]
+    # A directory name only: the supervisor creates it with mkdir(0o700), which fails on
+    # anything already there (a random name, no link followed).
+    for d in [*(c for c in candidates if c), "/tmp", "/var/tmp", "/usr/tmp"]:  # noqa: S108
+        if os.path.isdir(d) and os.access(d, os.W_OK | os.X_OK):
+            return os.path.abspath(d)
+    return os.getcwd()
+
+
 def scratch_root_for(project: str) -> str | None:
     """A fresh name for the scratch covers' directory in the user's temp dir (the
     supervisor creates it only when a cover needs it). None when that would fall
     inside the project: the covers are then read-only."""
-    import secrets
-    import tempfile
-
-    root = os.path.join(tempfile.gettempdir(), f"agentpen-scratch-{os.getpid()}-{secrets.token_hex(6)}")
+    root = os.path.join(_temp_dir(), f"agentpen-scratch-{os.getpid()}-{os.urandom(6).hex()}")
     real = os.path.realpath(project)
     return None if root == real or root.startswith(real.rstrip("/") + "/") else root
 

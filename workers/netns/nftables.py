@@ -180,7 +180,7 @@ def load_and_verify(policy: SessionPolicy, nft_path: str = "nft", *,
     """Load the ruleset in this namespace, read it back, verify it; fail closed.
 
     Returns the verified state for the audit stream."""
-    from shutil import which
+    from agentpen.core.which import which
 
     nft = which(nft_path) or which(nft_path, path="/usr/sbin:/sbin:/usr/bin:/bin")
     if nft is None:

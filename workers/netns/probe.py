@@ -1,7 +1,7 @@
 """pasta's feature probes (``pasta --help``, ``--version``) started early, read later.
 
 Kept apart from pasta.py so that the CLI can start them before importing anything else
-(issue 10): this module needs only ``os``, ``shutil`` and ``subprocess``. The probes
+(issue 10): this module needs only ``os``, ``subprocess`` and ``core.which``. The probes
 run while the supervisor imports and parses; ``pasta.detect_features`` reads them.
 Best effort: a probe that could not start, or was killed, is met again (and reported)
 by ``detect_features``, which then probes anew.
@@ -23,7 +23,7 @@ def resolve(pasta_path: str) -> tuple[str, Key]:
 
     Never realpath(): pasta is a symlink to passt, which picks its mode from argv[0];
     stat() follows the link for the key."""
-    from shutil import which
+    from agentpen.core.which import which
 
     found = which(pasta_path) or which(pasta_path, path="/usr/bin:/usr/sbin:/bin:/sbin")
     if found is None:

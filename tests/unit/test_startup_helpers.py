@@ -1,0 +1,61 @@
+"""Small stand-ins that keep heavy modules off the start-up path (issue 10): each must
+answer exactly what the module it replaces would."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import uuid
+
+from agentpen.core.which import which
+from agentpen.supervisor.resolve import uuid4
+
+
+def test_which_finds_what_shutil_finds(tmp_path, monkeypatch):
+    bin_a, bin_b, nox = tmp_path / "a", tmp_path / "b", tmp_path / "nox"
+    for d in (bin_a, bin_b, nox):
+        d.mkdir()
+    for d, name, mode in ((bin_a, "tool", 0o755), (bin_b, "tool", 0o755), (nox, "tool", 0o644),
+                          (bin_b, "only-b", 0o755)):
+        (d / name).write_text("#!/bin/sh\n")
+        (d / name).chmod(mode)
+    (bin_a / "adir").mkdir(mode=0o755)  # a directory is never the answer
+    path = os.pathsep.join(map(str, (nox, bin_a, bin_b)))
+    for name in ("tool", "only-b", "adir", "missing", "sh", str(bin_b / "tool"), str(nox / "tool")):
+        assert which(name, path=path) == shutil.which(name, path=path), name
+    monkeypatch.setenv("PATH", path)
+    assert which("tool") == shutil.which("tool") == str(bin_a / "tool")
+    assert which("sh", path="/usr/bin:/bin") == shutil.which("sh", path="/usr/bin:/bin") is not None
+
+
+def test_uuid4_is_a_random_version_4_uuid():
+    seen = {uuid4() for _ in range(200)}
+    assert len(seen) == 200
+    for text in seen:
+        u = uuid.UUID(text)
+        assert str(u) == text and u.version == 4 and u.variant == uuid.RFC_4122
+        assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", text)
+
+
+def test_the_early_path_imports_none_of_the_heavy_modules():
+    """What the CLI imports before pasta starts (probe, the early spawn's modules) and
+    the supervisor's session path must not bring these back (each costs 2-3 ms of every
+    start on a small machine); the control shows the check sees an import."""
+    code = (
+        "import sys; import agentpen.supervisor.cli, agentpen.workers.netns.probe, "
+        "agentpen.supervisor.workers, agentpen.supervisor.guardian, agentpen.supervisor.check, "
+        "agentpen.supervisor.resolve, agentpen.supervisor.paranoid, agentpen.workers.jail.protect, "
+        "agentpen.workers.jail.seccomp, agentpen.workers.jail.layout, agentpen.workers.netns.main, "
+        "agentpen.workers.netns.dns; "
+        "print(' '.join(m for m in ('shutil', 'uuid', 'platform', 'tempfile', 'secrets', "
+        "'dnslib', 'traceback') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [], out.stdout
+    control = subprocess.run([sys.executable, "-c", code.replace("import sys;", "import sys, uuid;")],
+                             capture_output=True, text=True, timeout=60)
+    assert control.stdout.split() == ["uuid", "platform"], control.stdout
