@@ -404,6 +404,7 @@ class Session:
                 for fd in self.proxy.listen_fds:
                     self.sel.register(fd, selectors.EVENT_READ, ("listener", None))
             self.log.release()  # the info lines held until the command starts (cli.py)
+            _collect_garbage_again()
         elif state == "jail-started":
             # The netns worker lives in pasta's pid namespace: its pids are not ours.
             # Find the host pid from the process tree (the jail is its only child).
@@ -872,6 +873,17 @@ class Session:
                       "fix": o.fix},
         ), durable=True)
         return status
+
+
+def _collect_garbage_again() -> None:
+    """The cyclic collector, off during the start-up (cli._main), on again; what the
+    start-up built is frozen first: kept for good, never traversed (nor written to in a
+    forked proxy's copy-on-write memory)."""
+    import gc
+
+    if not gc.isenabled():
+        gc.freeze()
+        gc.enable()
 
 
 def start_pasta(net: SessionPolicy | Doors) -> NetnsWorker:

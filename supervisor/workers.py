@@ -125,6 +125,8 @@ class NetnsWorker:
         from agentpen.supervisor.guardian import Guardian
         from agentpen.workers.netns.pasta import detect_features, pasta_argv, spawn_pasta
 
+        doors = net.doors() if isinstance(net, SessionPolicy) else net
+
         # The verifier's socket pair now, its fork right after pasta's: forking a 30 MB
         # interpreter costs the parent copy-on-write faults, better paid while pasta
         # builds the namespace than before pasta is started.
@@ -169,7 +171,8 @@ class NetnsWorker:
             try:
                 if holder is not None:
                     holder.close()  # pasta's and the holder's copies are the ones that count
-                    forked = _fork_netns_worker(wk, stdio, verifier, ours, proc.pid)  # type: ignore[arg-type]
+                    forked = _fork_netns_worker(wk, stdio, verifier, ours, proc.pid,  # type: ignore[arg-type]
+                                                doors)
                 if pair:  # a dead verifier fails closed
                     verifier_pid = _fork_verifier(pair[1], cross_check=holder is not None)
             except BaseException:
@@ -200,7 +203,6 @@ class NetnsWorker:
         os.set_blocking(proc.stderr.fileno(), False)  # type: ignore[union-attr]
         if type(proc) is subprocess.Popen:
             proc.__class__ = _PidfdPopen
-        doors = net.doors() if isinstance(net, SessionPolicy) else net
         worker = cls(proc, sup, guardian, forked=forked, holder=ours, doors=doors, verifier=verifier_pid)
         if isinstance(net, SessionPolicy):
             worker.configure(net)
@@ -209,9 +211,10 @@ class NetnsWorker:
         return worker
 
     def configure(self, policy: SessionPolicy) -> None:
-        """CONFIG, as early as the policy is known: the worker sets up nft, the
-        verification and the listeners while we open the audit stream (the persistence
-        covers follow with "go")."""
+        """CONFIG, as early as the policy is known. A forked worker has set the namespace
+        up from the doors already and checks that CONFIG describes it; one started by
+        pasta sets it up now, while we open the audit stream. The persistence covers
+        follow with "go"."""
         from agentpen.supervisor.errors import SetupFailed
 
         if policy.doors() != self.doors:  # pasta's command line was built from these
@@ -274,8 +277,9 @@ class NetnsWorker:
 
 
 def _fork_netns_worker(wk: Channel, stdio: list[int], verifier: socket.socket,
-                       holder: socket.socket, pasta_pid: int) -> int:
-    """Fork the netns worker (workers/netns/main.forked_main). Call single-threaded."""
+                       holder: socket.socket, pasta_pid: int, doors: Doors) -> int:
+    """Fork the netns worker (workers/netns/main.forked_main). Call single-threaded.
+    ``doors``: pasta's, from which the worker sets the namespace up before CONFIG."""
     for stream in (sys.stdout, sys.stderr):  # nothing buffered may be written twice
         with contextlib.suppress(Exception):
             stream.flush()
@@ -288,7 +292,7 @@ def _fork_netns_worker(wk: Channel, stdio: list[int], verifier: socket.socket,
             from agentpen.workers.netns.main import forked_main
 
             code = forked_main(wk.fileno(), stdio, verifier.fileno(), holder.fileno(), pasta_pid,
-                               parent, env)
+                               parent, env, doors)
         finally:
             os._exit(code)
     return pid

@@ -145,15 +145,17 @@ def host_addresses() -> list[str]:
 
 # -- nftables ------------------------------------------------------------------------------
 
-def test_nft_ruleset_loads_reads_back_and_catches_tampering():
-    res = run("""
+@pytest.mark.parametrize("backend", ["library", "command"])
+def test_nft_ruleset_loads_reads_back_and_catches_tampering(backend):
+    """libnftables in the worker (the default) and the nft command (the fallback)."""
+    res = run(f"""
         import subprocess
         from agentpen.core.policy import SessionPolicy
         from agentpen.workers.netns.nftables import load_and_verify, verify_ruleset
         pol = SessionPolicy(session_id="e2e", profile="untrusted", agent=None, project="/tmp",
                             command=["/bin/true"], command_name="true", allow=[],
                             host_ports=[5432])
-        state = load_and_verify(pol)
+        state = load_and_verify(pol, backend={backend!r})
         # positive control: an extra accept rule must be seen by the read-back check
         subprocess.run(["/usr/sbin/nft", "add", "rule", "inet", "agentpen", "output",
                         "accept"], check=True)
@@ -163,6 +165,7 @@ def test_nft_ruleset_loads_reads_back_and_catches_tampering():
     """)
     assert res["state"]["verified"] is True
     assert res["state"]["chains"]["output"]["policy"] == "drop"
+    assert ("libnftables" if backend == "library" else "/nft") in res["state"]["loaded_by"]
     assert res["tampered"], "an added accept rule went unnoticed"
 
 

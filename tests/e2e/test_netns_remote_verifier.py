@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 CODE = """
     from agentpen.workers.netns import main as m
     from agentpen.workers.netns.errors import NetnsSetupError
@@ -46,7 +48,7 @@ assert all(p is not None for p in pairs), "threads running: no fork"
 fds = [p[0].fileno() for p in pairs]
 probe = Probe(sys.argv[2].replace("sys.argv[2:]", json.dumps([str(fd) for fd in fds])), extra_fds=tuple(fds))
 for ours, theirs in pairs:
-    _fork_verifier(theirs)
+    _fork_verifier(theirs, cross_check=sys.argv[3] == "cross-check")
     ours.close()
     theirs.close()
 try:
@@ -56,10 +58,13 @@ finally:
 """
 
 
-def test_remote_verifier_sees_the_sandbox_namespace():
+@pytest.mark.parametrize("mode", ["gate", "cross-check"])
+def test_remote_verifier_sees_the_sandbox_namespace(mode):
+    """As the gate it imports pyroute2 at once; as the cross-check it waits for the
+    socket before importing anything. Both answer the same."""
     # In a fresh process: the supervisor forks its verifier only while single-threaded,
     # and earlier tests leave threads in this one.
-    out = subprocess.run([sys.executable, "-c", HOST, str(Path(__file__).parent), CODE],
+    out = subprocess.run([sys.executable, "-c", HOST, str(Path(__file__).parent), CODE, mode],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.splitlines()[-1])

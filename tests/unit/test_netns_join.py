@@ -157,3 +157,15 @@ def test_cross_check_start_hands_the_verifier_a_netlink_socket():
         cross.close()
         theirs.close()
     assert 0 < netns_main.CROSSCHECK_AFTER <= 1.0
+
+
+def test_a_dead_verifier_is_seen_before_the_cross_check_starts():
+    """The worker refuses to report "verified" once the verifier's end is closed."""
+    ours, theirs = socket.socketpair()
+    cross = netns_main.CrossCheck(_FakeVerifier(ours), GATE)
+    assert not cross.gone()  # alive and silent: the control
+    theirs.close()
+    assert cross.gone()
+    with pytest.raises(netns_main._Fatal, match="without reporting"):
+        while cross.on_readable() is None and cross.sock is not None:
+            pass

@@ -121,3 +121,15 @@ def test_missing_nft_fails_closed():
     with pytest.raises(NetnsSetupError) as exc:
         load_and_verify(POLICY, nft_path="/nonexistent/nft")
     assert "nftables" in exc.value.how_to_fix
+
+
+def test_missing_library_fails_closed_or_falls_back_to_the_command(monkeypatch):
+    from agentpen.workers.netns import nftables
+
+    monkeypatch.setattr(nftables, "LIBRARY", "libnftables-absent.so.99")
+    with pytest.raises(NetnsSetupError) as exc:  # asked for the library: no silent fallback
+        load_and_verify(POLICY, backend="library")
+    assert "libnftables-absent.so.99" in exc.value.what
+    with pytest.raises(NetnsSetupError) as exc:  # the default: the nft command is tried
+        load_and_verify(POLICY, nft_path="/nonexistent/nft")
+    assert "nft not found" in exc.value.what

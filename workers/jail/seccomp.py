@@ -154,15 +154,26 @@ def rule_table() -> list[tuple[str, str, str]]:
     return rows
 
 
+_built: dict[str, bytes] = {}  # per architecture: the table is constant for a process
+
+
 def build_seccomp_program(arch: str | None = None) -> bytes:
     """Classic BPF for bwrap --seccomp. Raises RuntimeError when the architecture is
     not supported or a syscall of the table is unknown to libseccomp (fail closed:
-    a table that does not fully compile is not loaded partially)."""
+    a table that does not fully compile is not loaded partially). Built once per
+    process and architecture (the netns worker builds it while pasta sets up the
+    namespace; the jail, its fork, reuses it)."""
+    arch = arch or native_arch()
+    if arch not in _built:
+        _built[arch] = _build(arch)
+    return _built[arch]
+
+
+def _build(arch: str) -> bytes:
     from agentpen.core.osutil import import_pyseccomp
 
     sc = import_pyseccomp()  # here: only the jail worker needs libseccomp
 
-    arch = arch or native_arch()
     if arch not in _ARCHES:
         raise RuntimeError(
             f"seccomp: architecture {arch!r} is not supported (x86_64, aarch64); "

@@ -163,6 +163,11 @@ class DnsServer:
                 "pasta made, before dropping capabilities; the port must be free",
             ) from exc
 
+    def configure(self, allow: Sequence[str], *, learn: bool) -> None:
+        """The session's allowlist and learn mode, once the policy is known (the sockets
+        were created earlier, from the doors alone)."""
+        self.matcher, self.allow, self.learn = None, tuple(allow), learn
+
     def warm(self) -> None:
         """The matcher and the wire format, imported and built now (the netns worker calls
         this once the jail runs: neither is needed before the first query)."""

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from agentpen.core.channel import Channel
-    from agentpen.core.policy import SessionPolicy
+    from agentpen.core.policy import Doors, SessionPolicy
 
 
 def _load() -> None:
@@ -354,6 +354,13 @@ class CrossCheck:
         self.t0 = time.monotonic()
         _send_netlink_socket(self.sock)
 
+    def gone(self) -> bool:
+        """Before ``start()`` the verifier sends nothing: a readable socket is its end
+        (a dead verifier fails the session before the command starts, not 0.25 s in)."""
+        import select
+
+        return bool(select.select([self.sock], [], [], 0)[0])
+
     def fileno(self) -> int:
         return self.sock.fileno()
 
@@ -400,9 +407,13 @@ class CrossCheck:
             self.sock = None
 
 
-def setup(ch: Channel, policy: SessionPolicy, verifier: Verifier | RemoteVerifier | None = None, *,
-          fresh_proc: bool = True, crosscheck: bool = False):
-    """Steps 2-4. Returns (the DNS server, already holding its sockets; the verified state).
+def setup(ch: Channel, net: SessionPolicy | Doors, ids: tuple[int, int],
+          verifier: Verifier | RemoteVerifier | None = None, *, fresh_proc: bool = True,
+          crosscheck: bool = False):
+    """Steps 2-4, from the doors and the user's (uid, gid) alone: the namespace does not
+    depend on the rest of the policy, so a forked worker runs this before CONFIG arrives
+    (issue 10). Returns (the DNS server, holding its sockets, told the allowlist later;
+    the verified network state; nft's).
 
     ``fresh_proc``: started by pasta, in pasta's pid namespace, which needs a /proc of
     its own (a worker that joined pasta's namespaces from outside stays in the host's
@@ -417,7 +428,7 @@ def setup(ch: Channel, policy: SessionPolicy, verifier: Verifier | RemoteVerifie
         t = time.monotonic()
         if fresh_proc:
             osutil.mount_fresh_proc()
-        nft_state = nftables.load_and_verify(policy)
+        nft_state = nftables.load_and_verify(net)
         _step(ch, "nftables", "nftables ruleset loaded and read back", t, nftables=nft_state)
 
         t = time.monotonic()
@@ -447,11 +458,12 @@ def setup(ch: Channel, policy: SessionPolicy, verifier: Verifier | RemoteVerifie
               network=net_state, checked_by=checked_by)
 
         t = time.monotonic()
-        socks = listeners.create_proxy_listeners(port=policy.proxy_port)
-        # The allowlist's matcher and dnslib come once the jail runs (DnsServer.warm).
-        dns = DnsServer(allow=policy.allow, learn=policy.learn, port=policy.dns_port)
+        socks = listeners.create_proxy_listeners(port=net.proxy_port)
+        # The allowlist comes with the policy (DnsServer.configure); its matcher and
+        # dnslib once the jail runs (DnsServer.warm).
+        dns = DnsServer(port=net.dns_port)
         _step(ch, "listeners", "proxy and DNS sockets created in the namespace", t,
-              proxy_port=policy.proxy_port, dns_port=policy.dns_port)
+              proxy_port=net.proxy_port, dns_port=net.dns_port)
     except NetnsSetupError as exc:
         raise _Fatal(exc.what, exc.how_to_fix) from None
 
@@ -474,7 +486,7 @@ def setup(ch: Channel, policy: SessionPolicy, verifier: Verifier | RemoteVerifie
     t = time.monotonic()
     # Leave root of pasta's namespace for the user's own uid in a child namespace
     # (see osutil.enter_own_user_namespace), then drop every capability for good.
-    osutil.enter_own_user_namespace(policy.uid, policy.gid)
+    osutil.enter_own_user_namespace(*ids)
     osutil.drop_all_capabilities()
     # Changing credentials (the user namespace, the capabilities) cleared our parent-death
     # signal: set it again, or a killed parent would leave this worker and the jail alive.
@@ -484,8 +496,7 @@ def setup(ch: Channel, policy: SessionPolicy, verifier: Verifier | RemoteVerifie
         raise _Fatal(f"capabilities still held after dropping them: {caps}")
     _step(ch, "capabilities-dropped", "netns worker dropped every capability", t,
           capabilities={k: f"{v:016x}" for k, v in caps.items()})
-    ch.send(MsgType.STATUS, {"state": "verified", "network": net_state, "nftables": nft_state})
-    return dns, net_state
+    return dns, net_state, nft_state
 
 
 def start_jail(policy: SessionPolicy, stdio: list[int], covers: list) -> tuple[int, int]:
@@ -518,8 +529,16 @@ def start_jail(policy: SessionPolicy, stdio: list[int], covers: list) -> tuple[i
 def serve(ch: Channel, dns, jail_pid: int, status_r: int, cross: CrossCheck | None = None) -> None:
     """Step 6: until the jail exits."""
     dns.warm()  # while bwrap sets the jail up: before the first query, off the command's path
+    import gc
+
+    if not gc.isenabled():  # off since the supervisor's start-up (cli._main): on for the session
+        gc.freeze()
+        gc.enable()
     sel = selectors.DefaultSelector()
-    cross_at = time.monotonic() + CROSSCHECK_AFTER if cross is not None else None
+    cross_at = None
+    if cross is not None:  # readable before start(): the verifier died (on_readable fails)
+        cross_at = time.monotonic() + CROSSCHECK_AFTER
+        sel.register(cross.fileno(), selectors.EVENT_READ, "cross-check")
     pidfd = os.pidfd_open(jail_pid)
     sel.register(pidfd, selectors.EVENT_READ, "jail-exit")
     sel.register(status_r, selectors.EVENT_READ, "status")
@@ -532,8 +551,8 @@ def serve(ch: Channel, dns, jail_pid: int, status_r: int, cross: CrossCheck | No
         if cross_at is not None and time.monotonic() >= cross_at:
             assert cross is not None
             cross_at = None
-            cross.start()
-            sel.register(cross.fileno(), selectors.EVENT_READ, "cross-check")
+            if cross.sock is not None:
+                cross.start()
         timeout = 1.0 if cross_at is None else max(0.0, min(1.0, cross_at - time.monotonic()))
         for key, _ in sel.select(timeout=timeout):
             what = key.data
@@ -644,7 +663,7 @@ def main(argv: list[str]) -> int:
 
 
 def forked_main(channel_fd: int, stdio: list[int], verifier_fd: int, holder_fd: int,
-                pasta_pid: int, parent: int, env: dict[str, str]) -> int:
+                pasta_pid: int, parent: int, env: dict[str, str], doors: Doors) -> int:
     """The worker forked by the supervisor (supervisor/workers.py): it starts in the
     supervisor's namespaces, as a copy of it, and makes itself the worker pasta would
     have started: then it joins pasta's user and network namespaces (workers/netns/join.py).
@@ -677,9 +696,16 @@ def forked_main(channel_fd: int, stdio: list[int], verifier_fd: int, holder_fd: 
     verifier = RemoteVerifier(verifier_fd)
     _load()
     # While pasta builds the namespace: every module the setup and the jail need.
-    from agentpen.workers.jail import launch  # noqa: F401
+    from agentpen.workers.jail import launch
     from agentpen.workers.netns import dns, fds, listeners, nftables, verify  # noqa: F401
 
+    # The jail's syscall filter too (libseccomp's load and compile, ~5 ms): it depends
+    # on nothing of the session, and the worker (our fork) would build it on its path.
+    # A failure is met again, and reported with the other setup steps, by setup().
+    with contextlib.suppress(Exception):
+        launch.seccomp.build_seccomp_program()
+
+    ids = (os.getuid(), os.getgid())  # the user's: after the join we are uid 0 there
     ch = Channel.from_fd(channel_fd)
     holder_sock = socket.socket(fileno=holder_fd)
     try:
@@ -710,7 +736,7 @@ def forked_main(channel_fd: int, stdio: list[int], verifier_fd: int, holder_fd: 
         _PARENT[:] = [0, alive_r]
         _die_with_parent()
         # pid namespace and /proc disagree until we mount our own, as pasta's child did
-        return run(ch, stdio, verifier, fresh_proc=True, crosscheck=True)
+        return run(ch, stdio, verifier, fresh_proc=True, crosscheck=True, early=(doors, *ids))
     os.close(alive_r)
     ch.close()
     verifier.abandon()
@@ -749,12 +775,22 @@ SETUP_TIMEOUT = 30.0
 
 
 def run(ch: Channel, stdio: list[int], verifier: Verifier | RemoteVerifier, *, fresh_proc: bool,
-        crosscheck: bool = False) -> int:
-    """Steps 1-6, from HELLO to the command's exit (both ways of starting)."""
+        crosscheck: bool = False, early: tuple[Doors, int, int] | None = None) -> int:
+    """Steps 1-6, from HELLO to the command's exit (both ways of starting).
+
+    ``early`` (a forked worker: the doors pasta was started with, the user's uid and
+    gid, all known at the fork): the namespace is set up before CONFIG arrives, while
+    the supervisor still resolves the policy, and CONFIG must then describe that very
+    namespace. Without it (started by pasta), CONFIG first. Either way "verified" follows
+    CONFIG, and the command waits for "go"."""
     ch.send(MsgType.HELLO, {"role": "netns", "pid": os.getpid(), "proto": 1})
     try:
-        config = _wait_for(ch, MsgType.CONFIG)
-        policy = SessionPolicy.from_json(config["policy"])
+        policy = None
+        if early is None:
+            policy = SessionPolicy.from_json(_wait_for(ch, MsgType.CONFIG)["policy"])
+            net, ids = policy, (policy.uid, policy.gid)
+        else:
+            net, ids = early[0], (early[1], early[2])
         # A worker that joined pasta's namespaces has the supervisor's verifier (no
         # capability in the namespace): it may confirm after the gate (CrossCheck).
         crosscheck = crosscheck and isinstance(verifier, RemoteVerifier)
@@ -763,11 +799,20 @@ def run(ch: Channel, stdio: list[int], verifier: Verifier | RemoteVerifier, *, f
             # Builds the seccomp program once while the verifier dumps: the jail's
             # imports and libseccomp's first load are paid before "verified", not
             # after "go" (they would gate the command's first instruction).
-            dns, net_state = setup(ch, policy, verifier, fresh_proc=fresh_proc, crosscheck=crosscheck)
+            dns, net_state, nft_state = setup(ch, net, ids, verifier, fresh_proc=fresh_proc,
+                                              crosscheck=crosscheck)
             if crosscheck:
                 cross = CrossCheck(verifier, net_state)  # type: ignore[arg-type]
         finally:
             verifier.abandon()  # reaped already on success; never outlives setup
+        if policy is None:
+            policy = SessionPolicy.from_json(_wait_for(ch, MsgType.CONFIG)["policy"])
+            if (policy.doors(), policy.uid, policy.gid) != (net, *ids):
+                raise _Fatal("the session's doors or user are not the ones the namespace was set up for")
+        dns.configure(policy.allow, learn=policy.learn)
+        if cross is not None and cross.gone():
+            raise _Fatal("the pyroute2 verifier went away before the command started")
+        ch.send(MsgType.STATUS, {"state": "verified", "network": net_state, "nftables": nft_state})
         body = _wait_for(ch, MsgType.CONTROL)
         if body.get("op") != "go":
             raise _Fatal(f"unexpected instruction {body.get('op')!r}")
