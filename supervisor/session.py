@@ -8,7 +8,6 @@ deadlines. Workers report; the supervisor decides, audits and forwards signals.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import selectors
@@ -19,6 +18,7 @@ from typing import Any
 
 from agentpen.core import __version__
 from agentpen.core.channel import Channel, Message, MsgType, ProtocolError
+from agentpen.core.digest import sha256
 from agentpen.core.events import make_event
 from agentpen.core.policy import Doors, SessionPolicy
 from agentpen.supervisor.errors import EXIT_AGENTPEN, AgentpenError, SetupFailed
@@ -179,7 +179,7 @@ class Session:
         self.guardian.watch(self.covers, self.scratch_root)
         # The worker got its CONFIG when it was spawned (it is setting the namespace up
         # by now); the covers, and the policy as finally resolved, travel with "go".
-        allow_hash = hashlib.sha256("\n".join(sorted(p.allow)).encode()).hexdigest()
+        allow_hash = sha256("\n".join(sorted(p.allow)).encode()).hexdigest()
         # Durable before the netns worker may start the command (it waits for "go").
         self.audit.emit(make_event(
             "session-started",

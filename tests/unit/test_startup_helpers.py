@@ -10,6 +10,7 @@ import subprocess
 import sys
 import uuid
 
+from agentpen.core.digest import sha256
 from agentpen.core.which import which
 from agentpen.supervisor.resolve import uuid4
 
@@ -49,9 +50,9 @@ def test_the_early_path_imports_none_of_the_heavy_modules():
         "agentpen.supervisor.workers, agentpen.supervisor.guardian, agentpen.supervisor.check, "
         "agentpen.supervisor.resolve, agentpen.supervisor.paranoid, agentpen.workers.jail.protect, "
         "agentpen.workers.jail.seccomp, agentpen.workers.jail.layout, agentpen.workers.netns.main, "
-        "agentpen.workers.netns.dns; "
+        "agentpen.workers.netns.dns, agentpen.supervisor.session, agentpen.workers.proxy.allowlist; "
         "print(' '.join(m for m in ('shutil', 'uuid', 'platform', 'tempfile', 'secrets', "
-        "'dnslib', 'traceback') if m in sys.modules))"
+        "'dnslib', 'traceback', '_hashlib') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -59,3 +60,10 @@ def test_the_early_path_imports_none_of_the_heavy_modules():
     control = subprocess.run([sys.executable, "-c", code.replace("import sys;", "import sys, uuid;")],
                              capture_output=True, text=True, timeout=60)
     assert control.stdout.split() == ["uuid", "platform"], control.stdout
+
+
+def test_sha256_is_hashlibs():
+    import hashlib
+
+    for data in (b"", b"api.example.com\n*.example.org", bytes(range(256)) * 100):
+        assert sha256(data).hexdigest() == hashlib.sha256(data).hexdigest()

@@ -19,11 +19,11 @@ There is no public-suffix list: `*.co.uk` is accepted; the user is trusted with 
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import socket
 from collections.abc import Iterable
 
+from agentpen.core.digest import sha256
 from agentpen.workers.proxy.names import canonical_host
 
 _LOCAL_SUFFIXES = ("localhost", "localdomain", "local", "home.arpa", "internal", "invalid",
@@ -121,4 +121,4 @@ class Allowlist:
 
     def digest(self) -> str:
         """sha256 hex of the canonical entries, sorted, one per line ("\\n"-joined)."""
-        return hashlib.sha256("\n".join(self.entries).encode()).hexdigest()
+        return sha256("\n".join(self.entries).encode()).hexdigest()
