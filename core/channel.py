@@ -22,7 +22,10 @@ import os
 import socket
 import struct
 from dataclasses import dataclass, field
-from typing import Any
+
+TYPE_CHECKING = False  # typing's own flag, without importing typing (issue 10)
+if TYPE_CHECKING:
+    from typing import Any
 
 PROTOCOL_VERSION = 1
 MAGIC = b"AP"

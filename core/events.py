@@ -14,7 +14,9 @@ Attacker-controlled strings only ever travel as JSON values.
 
 from __future__ import annotations
 
-from typing import Any
+TYPE_CHECKING = False  # typing's own flag, without importing typing (issue 10)
+if TYPE_CHECKING:
+    from typing import Any
 
 LEVELS = ("debug", "info", "warning", "error", "critical")
 

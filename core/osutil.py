@@ -7,7 +7,10 @@ import ctypes
 import os
 import signal
 import struct
-from typing import Any
+
+TYPE_CHECKING = False  # typing's own flag, without importing typing (issue 10)
+if TYPE_CHECKING:
+    from typing import Any
 
 # Sonames fixed by their ABI: ctypes.util.find_library() would fork `/sbin/ldconfig -p`
 # (5-10 ms, and a copy-on-write fork of the whole process) to find the same names.

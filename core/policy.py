@@ -8,10 +8,14 @@ it, they enforce it.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
 
-Profile = Literal["untrusted", "paranoid"]
-MountMode = Literal["ro", "rw"]
+TYPE_CHECKING = False  # typing's own flag, without importing typing (issue 10)
+if TYPE_CHECKING:
+    from typing import Any, Literal
+
+    Profile = Literal["untrusted", "paranoid"]
+    MountMode = Literal["ro", "rw"]
+
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,12 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from typing import Any
 
 from agentpen.supervisor.errors import EXIT_AGENTPEN, AgentpenError
+
+TYPE_CHECKING = False  # typing's own flag, without importing typing (issue 10)
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def _fail(exc: AgentpenError, log=None) -> int:

@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from agentpen.supervisor.errors import UsageError
+
+TYPE_CHECKING = False  # typing's own flag, without importing typing (issue 10)
+if TYPE_CHECKING:
+    from typing import Any
 
 BUILTIN_PROFILES = ("untrusted", "paranoid")
 
@@ -161,6 +163,8 @@ def load_config(env: Mapping[str, str], home: str | None = None, *, path: str | 
         text = raw_bytes.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"config {path}: not UTF-8 (byte {exc.start})") from None
+    import tomllib  # only with a config file: off cli's path to pasta (issue 10)
+
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

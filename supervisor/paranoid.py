@@ -27,10 +27,13 @@ import stat
 import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 from agentpen.core.policy import Mount, SessionPolicy
 from agentpen.supervisor.errors import SetupFailed, UsageError
+
+TYPE_CHECKING = False  # typing's own flag, without importing typing (issue 10)
+if TYPE_CHECKING:
+    from typing import Any
 
 DEFAULTS = {"memory": "8G", "max_procs": 512, "cpu_time": "2h", "wall_time": "4h"}
 WALL_GRACE = 10.0  # seconds between SIGTERM and SIGKILL when the wall clock runs out

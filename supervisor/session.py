@@ -14,7 +14,6 @@ import selectors
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 from agentpen.core import __version__
 from agentpen.core.channel import Channel, Message, MsgType, ProtocolError
@@ -24,6 +23,10 @@ from agentpen.core.policy import Doors, SessionPolicy
 from agentpen.supervisor.errors import EXIT_AGENTPEN, AgentpenError, SetupFailed
 from agentpen.supervisor.signals import SignalFd
 from agentpen.supervisor.workers import PRELOAD, NetnsWorker, ProxySupervisor
+
+TYPE_CHECKING = False  # typing's own flag, without importing typing (issue 10)
+if TYPE_CHECKING:
+    from typing import Any
 
 SETUP_TIMEOUT = 30.0  # from pasta's start to the command's start
 TEARDOWN_TIMEOUT = 5.0

@@ -17,10 +17,13 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
 
 from agentpen.core.channel import Channel, MsgType, channel_pair
 from agentpen.core.policy import Doors, SessionPolicy
+
+TYPE_CHECKING = False  # typing's own flag, without importing typing (issue 10)
+if TYPE_CHECKING:
+    from typing import Any
 
 # Crash loop: this many proxy exits within the window stops egress for good.
 CRASH_LOOP_COUNT = 5

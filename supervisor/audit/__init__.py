@@ -6,8 +6,6 @@ Cheap to import: no structlog here (see console.py, loaded by setup_console).
 
 from __future__ import annotations
 
-from typing import Any
-
 from .ecs import ECS_VERSION, SCHEMA_VERSION, build_record, render
 from .sinks import (
     AuditSinkError,
@@ -20,6 +18,10 @@ from .sinks import (
     sink_paths,
 )
 from .stream import AuditHalt, AuditState, AuditStream, genesis_hash
+
+TYPE_CHECKING = False  # typing's own flag, without importing typing (issue 10)
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def __getattr__(name: str) -> Any:

@@ -17,9 +17,12 @@ import hashlib
 import json
 import sys
 from dataclasses import dataclass, field
-from typing import Any
 
 from .stream import genesis_hash
+
+TYPE_CHECKING = False  # typing's own flag, without importing typing (issue 10)
+if TYPE_CHECKING:
+    from typing import Any
 
 
 @dataclass

@@ -17,9 +17,12 @@ import re
 import sys
 import time
 from datetime import UTC, datetime
-from typing import IO, Any
 
 from .ecs import ECS_VERSION
+
+TYPE_CHECKING = False  # typing's own flag, without importing typing (issue 10)
+if TYPE_CHECKING:
+    from typing import IO, Any
 
 LEVEL_NUMBERS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 # C0/C1 controls and DEL: a host name or argv from the sandbox must not drive the

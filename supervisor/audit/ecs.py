@@ -19,7 +19,13 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+
+TYPE_CHECKING = False  # typing's own flag, without importing typing (issue 10)
+if TYPE_CHECKING:
+    from typing import Any
+
+    EventDict = dict[str, Any]
+    Processor = Callable[[Any, str, EventDict], EventDict]
 
 ECS_VERSION = "8.11.0"
 SCHEMA_VERSION = "1.0"  # major.minor: a minor adds fields, a major breaks readers
@@ -62,8 +68,6 @@ INT_FIELDS: dict[tuple[str, str], tuple[int, int]] = {
 DURABLE_ACTIONS = frozenset({"session-started", "session-ended", "worker-exited",
                              "worker-restarted", "audit-gap"})
 
-EventDict = dict[str, Any]
-Processor = Callable[[Any, str, EventDict], EventDict]
 
 
 def _reject(ed: EventDict, key: str, value: Any) -> None:

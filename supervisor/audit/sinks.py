@@ -15,7 +15,10 @@ import socket
 import stat
 import struct
 import time
-from typing import Any
+
+TYPE_CHECKING = False  # typing's own flag, without importing typing (issue 10)
+if TYPE_CHECKING:
+    from typing import Any
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 _SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")

@@ -11,12 +11,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
 
 from .ecs import build_record, is_durable, render
 from .sinks import Sink
 
-FailurePolicy = Literal["halt", "deny", "continue"]
+TYPE_CHECKING = False  # typing's own flag, without importing typing (issue 10)
+if TYPE_CHECKING:
+    from typing import Any, Literal
+
+    FailurePolicy = Literal["halt", "deny", "continue"]
+
 FAILURE_POLICIES = ("halt", "deny", "continue")
 SYNC_DELAY_S = 1.0  # the longest a written line waits for its fsync
 RETRY_DELAY_S = 1.0  # tick() retries a failed sink this often (emit() retries at once)

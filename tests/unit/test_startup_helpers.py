@@ -67,3 +67,26 @@ def test_sha256_is_hashlibs():
 
     for data in (b"", b"api.example.com\n*.example.org", bytes(range(256)) * 100):
         assert sha256(data).hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+def test_what_cli_imports_before_pasta_starts_holds_neither_typing_nor_tomllib():
+    """The modules the CLI and the forked netns worker need before the sandbox's command
+    starts (cli._early_network, workers/netns/main.forked_main) import neither typing nor
+    tomllib (~6 ms together): annotations stay strings, TYPE_CHECKING blocks import typing
+    for the type checker only, and TOML is parsed where a file is read."""
+    code = (
+        "import sys, os; import agentpen.supervisor.cli, agentpen.workers.netns.probe, "
+        "agentpen.supervisor.config, agentpen.core.policy, agentpen.supervisor.workers, "
+        "agentpen.supervisor.guardian, agentpen.workers.netns.pasta, agentpen.workers.netns.join, "
+        "agentpen.workers.netns.main, agentpen.workers.jail.launch, agentpen.workers.netns.dns, "
+        "agentpen.workers.netns.nftables, agentpen.workers.netns.verify, agentpen.workers.netns.fds, "
+        "agentpen.workers.netns.listeners, agentpen.workers.jail.registry, agentpen.core.events; "
+        "agentpen.supervisor.config.config_path(os.environ); "
+        "print(' '.join(m for m in ('typing', 'tomllib') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [], out.stdout
+    with_toml = code.replace("import sys, os;", "import sys, os, tomllib;")
+    control = subprocess.run([sys.executable, "-c", with_toml], capture_output=True, text=True, timeout=60)
+    assert control.stdout.split() == ["typing", "tomllib"], control.stdout

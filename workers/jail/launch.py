@@ -18,7 +18,6 @@ import signal
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NoReturn
 
 from agentpen.core.osutil import capability_sets, close_fds_except, last_cap, load_libc
 from agentpen.core.policy import SessionPolicy
@@ -38,6 +37,10 @@ from agentpen.workers.jail.protect import (
     protected_list,
     remove_placeholders,
 )
+
+TYPE_CHECKING = False  # typing's own flag, without importing typing (issue 10)
+if TYPE_CHECKING:
+    from typing import NoReturn
 
 __all__ = [
     "JailPlan", "build_jail", "exec_jail", "jail_covers", "open_data_fd", "remove_placeholders",

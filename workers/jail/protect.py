@@ -27,7 +27,12 @@ import os
 import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal
+
+TYPE_CHECKING = False  # typing's own flag, without importing typing (issue 10)
+if TYPE_CHECKING:
+    from typing import Literal
+
+    CoverKind = Literal["ro-bind", "dir", "file", "pin", "scratch"]
 
 # Project-relative path -> why it is protected. A trailing "/" means a directory.
 DEFAULT_PROTECTED: dict[str, str] = {
@@ -59,7 +64,6 @@ DEFAULT_PROTECTED: dict[str, str] = {
 SCRATCH_WHEN_MISSING: frozenset[str] = frozenset(
     {".claude", ".codex", ".gemini", ".qwen", ".opencode", ".cursor"})
 
-CoverKind = Literal["ro-bind", "dir", "file", "pin", "scratch"]
 
 
 def placeholder_data(name: str) -> bytes:

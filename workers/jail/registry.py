@@ -4,11 +4,13 @@ per agent by the user's config (`extra`, same shape as the TOML)."""
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass, field
-from typing import Any
 
 from agentpen.core.policy import Mount
+
+TYPE_CHECKING = False  # typing's own flag, without importing typing (issue 10)
+if TYPE_CHECKING:
+    from typing import Any
 
 
 class RegistryError(ValueError):
@@ -70,6 +72,8 @@ def load_registry(extra: dict[str, Any] | None = None) -> dict[str, AgentSpec]:
     # zipfile on the start-up path for a file that is always a plain file here.
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "agents.toml"),
               encoding="utf-8") as f:
+        import tomllib  # here: not on the path to pasta's start (cli imports this module)
+
         raw = tomllib.loads(f.read())
     for name, table in (extra or {}).items():
         if not isinstance(table, dict):

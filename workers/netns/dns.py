@@ -17,10 +17,13 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from agentpen.core.events import make_event
 from agentpen.workers.netns.errors import NetnsSetupError
+
+TYPE_CHECKING = False  # typing's own flag, without importing typing (issue 10)
+if TYPE_CHECKING:
+    from typing import Any
 
 Matcher = Callable[[str], "str | None"]
 

@@ -7,13 +7,15 @@ the jail is running (issue 10).
 
 from __future__ import annotations
 
-from typing import Any
-
 from agentpen.workers.netns.dns import EDE_BLOCKED, EDE_OPTION, EDE_TEXT, TTL, DnsDecision, Matcher
 from dnslib import AAAA, EDNS0, QTYPE, RCODE, RR, A, DNSError, DNSHeader, DNSRecord, EDNSOption
 from dnslib.buffer import Buffer
 from dnslib.buffer import BufferError as DNSBufferError
 from dnslib.label import DNSLabelError
+
+TYPE_CHECKING = False  # typing's own flag, without importing typing (issue 10)
+if TYPE_CHECKING:
+    from typing import Any
 
 _ANSWERS = {QTYPE.A: (A, "127.0.0.1"), QTYPE.AAAA: (AAAA, "::1")}
 

@@ -35,9 +35,11 @@ import os
 import signal
 import sys
 import time
-from typing import TYPE_CHECKING, Any
 
+TYPE_CHECKING = False  # typing's own flag, without importing typing (issue 10)
 if TYPE_CHECKING:
+    from typing import Any
+
     from agentpen.core.channel import Channel
     from agentpen.core.policy import Doors, SessionPolicy
 

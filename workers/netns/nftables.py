@@ -21,10 +21,13 @@ import ctypes
 import json
 import subprocess
 from dataclasses import dataclass
-from typing import Any
 
 from agentpen.core.policy import Doors, SessionPolicy
 from agentpen.workers.netns.errors import NetnsSetupError
+
+TYPE_CHECKING = False  # typing's own flag, without importing typing (issue 10)
+if TYPE_CHECKING:
+    from typing import Any
 
 TABLE = "agentpen"
 FAMILY = "inet"  # one table for IPv4 and IPv6

@@ -16,13 +16,16 @@ import signal
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from agentpen.core.events import make_event
 from agentpen.core.osutil import set_pdeathsig
 from agentpen.core.policy import Doors, SessionPolicy
 from agentpen.workers.netns import probe
 from agentpen.workers.netns.errors import NetnsSetupError
+
+TYPE_CHECKING = False  # typing's own flag, without importing typing (issue 10)
+if TYPE_CHECKING:
+    from typing import Any
 
 # Long options we need, every one of them, or pasta cannot be made safe (fail closed).
 REQUIRED_OPTIONS = frozenset({"--tcp-ports", "--udp-ports", "--tcp-ns", "--udp-ns", "--quiet",

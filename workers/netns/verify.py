@@ -15,9 +15,12 @@ import ipaddress
 import socket
 import threading
 from dataclasses import asdict, dataclass
-from typing import Any
 
 from agentpen.workers.netns.errors import NetnsSetupError
+
+TYPE_CHECKING = False  # typing's own flag, without importing typing (issue 10)
+if TYPE_CHECKING:
+    from typing import Any
 
 # rtnetlink route types (linux/rtnetlink.h) that send nothing anywhere.
 RTN_UNICAST = 1
