@@ -76,6 +76,38 @@ class Options:
     explicit: set[str] = field(default_factory=set)  # options given on the command line
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """argparse makes a formatter for every add_argument() (to check the help string),
+    and each asked the terminal for its width, importing shutil the first time: ~3 ms
+    of every start (issue 10). The width is asked once, as shutil would ($COLUMNS, then
+    standard output's terminal, then 80 columns)."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None) -> None:
+        super().__init__(prog, indent_increment, max_help_position, width or _help_width())
+
+
+_width: list[int] = []
+
+
+def _help_width() -> int:
+    if not _width:
+        import os
+        import sys
+
+        try:
+            columns = int(os.environ["COLUMNS"])
+        except (KeyError, ValueError):
+            columns = 0
+        if columns <= 0:
+            try:
+                columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+            except (AttributeError, ValueError, OSError):
+                columns = 0
+        _width.append((columns or 80) - 2)  # what argparse subtracts
+    return _width[0]
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # type: ignore[override]
         raise UsageError(message)
@@ -94,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
             "TLS passthrough proxy to the allowed hosts."
         ),
         epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_Formatter,
         add_help=False,
         allow_abbrev=False,
     )
@@ -215,9 +247,10 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
     return ns
 
 
-def explicit_options(argv: list[str]) -> set[str]:
-    """The option names (dests) given on the command line, before the command."""
-    parser = build_parser()
+def explicit_options(argv: list[str], parser: argparse.ArgumentParser | None = None) -> set[str]:
+    """The option names (dests) given on the command line, before the command. Changes
+    ``parser``'s defaults when given one (parse_args passes its own, already used)."""
+    parser = parser or build_parser()
     for action in parser._actions:
         action.default = argparse.SUPPRESS
     ns = _parse(parser, argv)
@@ -229,7 +262,7 @@ def parse_args(argv: list[str], *, profiles: tuple[str, ...] | None = PROFILES,
     parser = build_parser()
     ns = _parse(parser, argv)
     opts = Options(**{k: v for k, v in vars(ns).items() if k in Options.__dataclass_fields__})
-    opts.explicit = explicit_options(argv)
+    opts.explicit = explicit_options(argv, parser)  # the same parser: built once
     if profiles is not None and opts.profile not in profiles:
         raise UsageError(f"--profile {opts.profile}: unknown profile (known: {', '.join(profiles)}; "
                          "more can be defined under [profiles.NAME] in the config file)")
