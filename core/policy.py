@@ -7,7 +7,7 @@ it, they enforce it.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from agentpen.core.record import asdict, field, record
 
 TYPE_CHECKING = False  # typing's own flag, without importing typing (issue 10)
 if TYPE_CHECKING:
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Mount:
     """A host path made visible inside the sandbox at the same path."""
 
@@ -28,7 +28,7 @@ class Mount:
     source: str = ""  # bind this host path at `path` instead (paranoid's private copies)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Upstream:
     """`--upstream HOST=ADDR:PORT`: dial ADDR:PORT for HOST instead of resolving it."""
 
@@ -37,7 +37,7 @@ class Upstream:
     port: int
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Publish:
     """`--publish PORT[:SANDBOX_PORT]`: host 127.0.0.1:host_port -> sandbox sandbox_port."""
 
@@ -45,7 +45,7 @@ class Publish:
     sandbox_port: int
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Doors:
     """What pasta's command line depends on: the opt-in doors and agentpen's own sandbox
     ports (that no door may take). Known from the options before the policy is resolved,
@@ -57,7 +57,7 @@ class Doors:
     dns_port: int = 53
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class SessionPolicy:
     session_id: str
     profile: Profile

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
+
+from agentpen.core.record import record
 
 ROOT = "/sys/fs/cgroup"
 CONTROLLERS = ("memory", "pids")
@@ -71,7 +72,7 @@ def delegated_parent(*, root: str = ROOT, proc_cgroup: str = "/proc/self/cgroup"
     return origin, parent
 
 
-@dataclass
+@record
 class SessionCgroup:
     path: str  # the session's cgroup directory
     origin: str  # where the supervisor came from (its cgroup.procs)

@@ -11,16 +11,16 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from dataclasses import asdict, dataclass
 
 from agentpen.core.osutil import load_libc
+from agentpen.core.record import asdict, record
 from agentpen.core.which import which
 from agentpen.supervisor.errors import LayerUnavailable
 
 MIN_BWRAP = (0, 8, 0)  # --disable-userns appeared in 0.8.0
 
 
-@dataclass
+@record
 class Layer:
     name: str
     ok: bool

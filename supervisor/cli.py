@@ -222,9 +222,9 @@ def _run(opts, cfg, policy, limits, early) -> int:
     session_dir = None
     start = None
     if limits.rlimits():
-        import dataclasses
+        from agentpen.core.record import replace
 
-        policy = dataclasses.replace(policy, rlimits=limits.rlimits())
+        policy = replace(policy, rlimits=limits.rlimits())
     if policy.profile == "paranoid":
         try:
             policy, session_dir, start = paranoid.prepare(policy, sdir_state)

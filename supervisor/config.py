@@ -32,8 +32,8 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 
+from agentpen.core.record import field, record
 from agentpen.supervisor.errors import UsageError
 
 TYPE_CHECKING = False  # typing's own flag, without importing typing (issue 10)
@@ -73,7 +73,7 @@ class ConfigError(UsageError):
     """The config file is malformed: the message names file, line and key."""
 
 
-@dataclass
+@record
 class Config:
     path: str | None = None  # None: no config file
     defaults: dict[str, Any] = field(default_factory=dict)

@@ -8,9 +8,9 @@ pure: it returns Options or raises UsageError, never exits and never prints.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
 
 from agentpen.core import __version__
+from agentpen.core.record import field, fields, record
 from agentpen.supervisor.errors import UsageError
 
 EXAMPLES = """\
@@ -41,7 +41,7 @@ exit status: the command's own; 128+N if it died of signal N; 125 agentpen faile
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
-@dataclass
+@record
 class Options:
     command: list[str] = field(default_factory=list)
     profile: str = "untrusted"
@@ -261,7 +261,7 @@ def parse_args(argv: list[str], *, profiles: tuple[str, ...] | None = PROFILES,
                need_command: bool = True) -> Options:
     parser = build_parser()
     ns = _parse(parser, argv)
-    opts = Options(**{k: v for k, v in vars(ns).items() if k in Options.__dataclass_fields__})
+    opts = Options(**{k: v for k, v in vars(ns).items() if k in fields(Options)})
     opts.explicit = explicit_options(argv, parser)  # the same parser: built once
     if profiles is not None and opts.profile not in profiles:
         raise UsageError(f"--profile {opts.profile}: unknown profile (known: {', '.join(profiles)}; "

@@ -20,15 +20,14 @@ at the real project's path, so the agent sees the path it expects.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import re
 import stat
 import subprocess
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 from agentpen.core.policy import Mount, SessionPolicy
+from agentpen.core.record import field, record, replace
 from agentpen.supervisor.errors import SetupFailed, UsageError
 
 TYPE_CHECKING = False  # typing's own flag, without importing typing (issue 10)
@@ -64,7 +63,7 @@ def parse_duration(text: str, what: str) -> int:
     return n
 
 
-@dataclass
+@record
 class Limits:
     memory: int | None = None  # bytes, RLIMIT_DATA of every process
     max_procs: int | None = None  # RLIMIT_NPROC
@@ -128,7 +127,7 @@ def _copy_tree(src: str, dst: str) -> None:
                           fix="free space in $XDG_STATE_HOME, or use the untrusted profile")
 
 
-@dataclass
+@record
 class Start:
     """Snapshots taken at the start: the real project (to spot the user's own edits
     during the session) and the fresh copy (to spot the session's)."""
@@ -164,13 +163,13 @@ def prepare(policy: SessionPolicy, state_dir: str) -> tuple[SessionPolicy, str, 
     except BaseException:
         remove_session_dir(sdir)  # nothing ran yet: a half-made copy is of no use
         raise
-    return dataclasses.replace(policy, project_source=copy, mounts=mounts), sdir, start
+    return replace(policy, project_source=copy, mounts=mounts), sdir, start
 
 
 # -- the changes ------------------------------------------------------------------------
 
 
-@dataclass
+@record
 class Changes:
     added: list[str] = field(default_factory=list)
     changed: list[str] = field(default_factory=list)

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+
+from agentpen.core.record import record
 
 SUFFIX = ".agentpen-quarantine"
 # The filesystem stamps inodes with a coarse clock (a jiffy behind the real one):
@@ -30,7 +31,7 @@ CLOCK_SLACK_NS = 50_000_000
 WALK_BUDGET_S = 20.0
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Finding:
     path: str
     why: str

@@ -13,13 +13,13 @@ import os
 import selectors
 import signal
 import time
-from dataclasses import dataclass, field
 
 from agentpen.core import __version__
 from agentpen.core.channel import Channel, Message, MsgType, ProtocolError
 from agentpen.core.digest import sha256
 from agentpen.core.events import make_event
 from agentpen.core.policy import Doors, SessionPolicy
+from agentpen.core.record import field, record
 from agentpen.supervisor.errors import EXIT_AGENTPEN, AgentpenError, SetupFailed
 from agentpen.supervisor.signals import SignalFd
 from agentpen.supervisor.workers import PRELOAD, NetnsWorker, ProxySupervisor
@@ -37,7 +37,7 @@ PROXY_START_AFTER = 0.25
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 
-@dataclass
+@record
 class Outcome:
     exit_code: int | None = None
     signal: int | None = None
@@ -52,7 +52,7 @@ class Outcome:
         return self.exit_code if self.exit_code is not None else EXIT_AGENTPEN
 
 
-@dataclass
+@record
 class Counters:
     connections_allowed: int = 0
     connections_denied: int = 0

@@ -8,9 +8,9 @@ import ctypes
 import os
 import signal
 import struct
-from dataclasses import dataclass
 
 from agentpen.core.osutil import load_libc
+from agentpen.core.record import record
 
 _libc = load_libc()
 SFD_CLOEXEC = 0o2000000
@@ -19,7 +19,7 @@ _SIGINFO = struct.Struct("IiiIIiIIIIIiiQQQQQ")  # signalfd_siginfo head; 128 byt
 _SIGINFO_SIZE = 128
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class SignalInfo:
     signo: int
     code: int

@@ -16,10 +16,10 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
 
 from agentpen.core.channel import Channel, MsgType, channel_pair
 from agentpen.core.policy import Doors, SessionPolicy
+from agentpen.core.record import field, record
 
 TYPE_CHECKING = False  # typing's own flag, without importing typing (issue 10)
 if TYPE_CHECKING:
@@ -101,7 +101,7 @@ class _PidfdPopen(subprocess.Popen):
         return super()._wait(timeout)
 
 
-@dataclass
+@record
 class NetnsWorker:
     pasta: subprocess.Popen[bytes]
     channel: Channel
@@ -369,7 +369,7 @@ def _proxy_entry(channel_fd: int, listen_fds: list[int], policy_json: dict, inca
     proxy_main(channel_fd, listen_fds, policy_json, incarnation, parent_pid=parent_pid)
 
 
-@dataclass
+@record
 class ProxyWorker:
     process: object  # multiprocess.Process
     channel: Channel
@@ -379,7 +379,7 @@ class ProxyWorker:
     pidfd: int = -1
 
 
-@dataclass
+@record
 class ProxySupervisor:
     """Owns the listening sockets for the whole session and hands them to each
     proxy incarnation; connections that arrive while none runs wait in the backlog."""

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+
+from agentpen.core.record import record
 
 from .ecs import build_record, is_durable, render
 from .sinks import Sink
@@ -38,7 +39,7 @@ class AuditHalt(Exception):
     """--audit-failure halt: a sink failed; the supervisor must end the session (125)."""
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class AuditState:
     """Told to ``on_state`` when a sink fails or recovers."""
 

@@ -20,12 +20,12 @@ import sys
 import termios
 import textwrap
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 from agentpen.core.policy import Mount, SessionPolicy
+from agentpen.core.record import replace
 from agentpen.workers.jail.env import scrub_env
 from agentpen.workers.jail.launch import jail_covers, remove_placeholders
 

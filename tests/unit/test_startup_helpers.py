@@ -52,7 +52,7 @@ def test_the_early_path_imports_none_of_the_heavy_modules():
         "agentpen.workers.jail.seccomp, agentpen.workers.jail.layout, agentpen.workers.netns.main, "
         "agentpen.workers.netns.dns, agentpen.supervisor.session, agentpen.workers.proxy.allowlist; "
         "print(' '.join(m for m in ('shutil', 'uuid', 'platform', 'tempfile', 'secrets', "
-        "'dnslib', 'traceback', '_hashlib') if m in sys.modules))"
+        "'dnslib', 'traceback', '_hashlib', 'dataclasses', 'inspect') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr

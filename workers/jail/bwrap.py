@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from agentpen.core.policy import Mount, SessionPolicy
+from agentpen.core.record import record
 from agentpen.workers.jail.layout import HostLayout
 from agentpen.workers.jail.protect import Cover
 
@@ -22,7 +22,7 @@ HOSTNAME = "agentpen"
 DEFAULT_SIGNALS = "INT,QUIT,TSTP,TTIN,TTOU,PIPE,XFSZ"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class JailFds:
     seccomp: int  # BPF program (memfd), for --seccomp
     json_status: int  # write end: bwrap reports child-pid and exit-code here

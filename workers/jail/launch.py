@@ -17,10 +17,10 @@ import resource
 import signal
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 from agentpen.core.osutil import capability_sets, close_fds_except, last_cap, load_libc
 from agentpen.core.policy import SessionPolicy
+from agentpen.core.record import field, record
 from agentpen.workers.jail import seccomp
 from agentpen.workers.jail.bwrap import (
     JailFds,
@@ -59,7 +59,7 @@ _SYS_CAPSET = {"x86_64": 126, "aarch64": 91}
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
 
 
-@dataclass
+@record
 class JailPlan:
     argv: list[str]
     env: dict[str, str]

@@ -5,8 +5,8 @@ symlinks (merged /usr or not, NixOS), and what the user can read in /etc."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 
+from agentpen.core.record import field, record
 from agentpen.core.which import which
 
 # Top-level system paths made visible read-only when present. Anything else at the
@@ -21,13 +21,13 @@ RUN_SYMLINKS: tuple[str, ...] = ("/run/current-system", "/run/opengl-driver", "/
 ETC_STAGED = frozenset({"hosts", "resolv.conf", "nsswitch.conf"})
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class EtcEntry:
     name: str
     symlink: str | None = None  # target when the host entry is a symlink; else ro-bound
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class HostLayout:
     kind: str  # "fhs-merged-usr", "fhs", "nixos": for messages and `config show`
     ro_dirs: tuple[str, ...]  # bound read-only at the same path

@@ -26,7 +26,8 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Iterable
-from dataclasses import dataclass
+
+from agentpen.core.record import record
 
 TYPE_CHECKING = False  # typing's own flag, without importing typing (issue 10)
 if TYPE_CHECKING:
@@ -78,7 +79,7 @@ class ProtectError(ValueError):
     """A protected path cannot be enforced (fail closed)."""
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Cover:
     path: str  # absolute
     kind: CoverKind  # ro-bind: existing path; dir/file: placeholder; pin: rw self-bind

@@ -4,9 +4,9 @@ per agent by the user's config (`extra`, same shape as the TOML)."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 
 from agentpen.core.policy import Mount
+from agentpen.core.record import field, record
 
 TYPE_CHECKING = False  # typing's own flag, without importing typing (issue 10)
 if TYPE_CHECKING:
@@ -17,7 +17,7 @@ class RegistryError(ValueError):
     """The registry data is malformed."""
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class AgentSpec:
     name: str
     commands: tuple[str, ...]

@@ -8,9 +8,9 @@ Pure over the filesystem (reads only); the caller turns the result into policy.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 
 from agentpen.core.policy import Mount
+from agentpen.core.record import field, record
 
 MAX_SHEBANG = 256
 MAX_DEPTH = 4  # interpreter of an interpreter (#!/usr/bin/env node -> node): bounded
@@ -24,7 +24,7 @@ class CommandNotExecutable(PermissionError):
     exit_code = 126
 
 
-@dataclass
+@record
 class ResolvedCommand:
     path: str  # absolute real path of what runs
     mounts: list[Mount] = field(default_factory=list)  # ro mounts needed under $HOME

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import errno
 import os
-from dataclasses import dataclass
+
+from agentpen.core.record import record
 
 # syscall -> why it is refused. Flatpak's list, plus the mount API and io_uring.
 BLOCKED: dict[str, str] = {
@@ -101,7 +102,7 @@ LOW32 = 0xFFFFFFFF
 PER_LINUX = 0
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ArgRule:
     """Refuse `syscall` when (arg[index] & mask) == value; `errno_` is the error."""
 

@@ -16,9 +16,9 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from agentpen.core.events import make_event
+from agentpen.core.record import record
 from agentpen.workers.netns.errors import NetnsSetupError
 
 TYPE_CHECKING = False  # typing's own flag, without importing typing (issue 10)
@@ -34,7 +34,7 @@ EDE_TEXT = b"agentpen: name not in the allowlist"
 MAX_NAMES_TRACKED = 10_000  # distinct refused names remembered (bounded memory)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class DnsDecision:
     """What happened to one datagram, for the caller's audit decision."""
 

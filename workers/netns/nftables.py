@@ -20,9 +20,9 @@ from __future__ import annotations
 import ctypes
 import json
 import subprocess
-from dataclasses import dataclass
 
 from agentpen.core.policy import Doors, SessionPolicy
+from agentpen.core.record import record
 from agentpen.workers.netns.errors import NetnsSetupError
 
 TYPE_CHECKING = False  # typing's own flag, without importing typing (issue 10)
@@ -33,7 +33,7 @@ TABLE = "agentpen"
 FAMILY = "inet"  # one table for IPv4 and IPv6
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Rule:
     iface_key: str | None  # "iifname"/"oifname" matched against "lo"; None: every packet
     verdict: str  # "accept" or "drop"
@@ -41,7 +41,7 @@ class Rule:
     counter: bool = False
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Chain:
     name: str
     hook: str

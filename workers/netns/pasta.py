@@ -15,11 +15,11 @@ import re
 import signal
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 
 from agentpen.core.events import make_event
 from agentpen.core.osutil import set_pdeathsig
 from agentpen.core.policy import Doors, SessionPolicy
+from agentpen.core.record import record
 from agentpen.workers.netns import probe
 from agentpen.workers.netns.errors import NetnsSetupError
 
@@ -36,7 +36,7 @@ OPTIONAL_OFF = ("--no-dhcp", "--no-ndp", "--no-dhcpv6", "--no-ra", "--no-icmp", 
 _LONG_OPT = re.compile(r"(?<![\w-])(--[a-z0-9][a-z0-9-]*)")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class PastaFeatures:
     """What one pasta binary accepts, as read from its --help."""
 

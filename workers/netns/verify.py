@@ -14,8 +14,8 @@ import contextlib
 import ipaddress
 import socket
 import threading
-from dataclasses import asdict, dataclass
 
+from agentpen.core.record import asdict, record
 from agentpen.workers.netns.errors import NetnsSetupError
 
 TYPE_CHECKING = False  # typing's own flag, without importing typing (issue 10)
@@ -36,14 +36,14 @@ IFF_UP = 0x1
 LOOPBACK_NETS = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Link:
     index: int
     name: str
     up: bool
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Address:
     index: int
     family: int
@@ -51,7 +51,7 @@ class Address:
     prefixlen: int
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Route:
     family: int
     table: int
