@@ -21,6 +21,7 @@ JSON {"covers": [[path, kind, rel, source], ...], "scratch_root": str | null}; b
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -112,6 +113,7 @@ class _Orders:
 
 
 def _guard(r: int) -> None:
+    gc.enable()  # off in the supervisor until "go" (cli._main); this process lives as long
     for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGTSTP,
                 signal.SIGTTOU, signal.SIGTTIN):
         signal.signal(sig, signal.SIG_IGN)

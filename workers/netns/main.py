@@ -1,30 +1,34 @@
-"""The netns worker process: started by pasta inside the sandbox's fresh user and
-network namespace, where it is root of that user namespace.
+"""The netns worker process, in the sandbox's fresh user and network namespace (pasta's),
+where it is root of that user namespace. Two ways in: forked by the supervisor and
+joined to pasta's namespaces (``forked_main``, the default: docs/netns.md), or started
+by pasta as its command (``main``, the fallback).
 
 Order (each step reported to the supervisor, any failure ends the session before
 the command runs):
-  1. HELLO, then receive the session policy (CONFIG) -- never from argv or env;
+  1. HELLO;
   2. load the nftables ruleset and read it back; verify links, addresses and routes
-     with pyroute2 (nothing but loopback);
+     (nothing but loopback): the stdlib rtnetlink gate, with pyroute2's cross-check
+     once the jail runs (forked), or pyroute2 as the gate (started by pasta);
   3. create the proxy's listening sockets (127.0.0.1:443, [::1]:443) and the DNS
      sockets (port 53) -- both need privilege in this namespace -- and send the
      proxy's up to the supervisor (SCM_RIGHTS);
-  4. drop every capability, prove it from /proc/self/status, report "verified";
-  5. wait for the supervisor's "go" (the session start is on disk), fork the jail
+  4. drop every capability and prove it from /proc/self/status;
+  5. receive the session policy (CONFIG) -- never from argv or env -- and report
+     "verified". Steps 2-4 need only the doors and the user's uid and gid: the forked
+     worker, which knows them from the fork, does them before CONFIG arrives and then
+     requires CONFIG to describe that namespace; the pasta-started one waits for CONFIG
+     first (issue 10);
+  6. wait for the supervisor's "go" (the session start is on disk), fork the jail
      worker, which execs bwrap around the command;
-  6. serve DNS for the allowlist, relay bwrap's JSON status (pids, exit code) and
+  7. serve DNS for the allowlist, relay bwrap's JSON status (pids, exit code) and
      report the command's exit.
 
-Start-up (issue 10, docs/performance.md): importing pyroute2 costs 120-300 ms of CPU
-here, more than everything else the worker does before "verified". A thread cannot
-overlap it with our own Python work (one GIL), so the worker forks a *verifier* child
-as its first act: the child imports pyroute2 on the other core while this process
-receives CONFIG, imports its modules and loads nft; after the nft read-back the worker
-tells the child to dump, and the child runs ``verify_closed_namespace()`` at the same
-point of the order as before and reports the verified state (or the failure). The
-worker reaps the child before it creates the listeners, so no process holding this
-namespace's capabilities outlives the check; any doubt (no answer, a crash, garbage)
-fails closed.
+Start-up (issue 10, docs/performance.md): importing pyroute2 costs 120-300 ms of CPU,
+more than everything else the worker does before "verified". The pasta-started worker,
+whose gate it is, has it imported by a verifier process (the supervisor's, or its own
+child) on the other core while it starts, and asks for the dump after the nft read-back;
+any doubt (no answer, a crash, garbage) fails closed. The forked worker's verifier waits,
+idle, until CROSSCHECK_AFTER the jail started.
 """
 
 from __future__ import annotations
