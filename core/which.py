@@ -16,14 +16,20 @@ def which(name: str, path: str | None = None) -> str | None:
     if os.path.dirname(name):
         return name if runnable(name) else None
     if path is None:
-        path = os.environ.get("PATH") or os.defpath
+        path = os.environ.get("PATH")
+        if path is None:
+            try:
+                path = os.confstr("CS_PATH")
+            except (AttributeError, ValueError):
+                path = os.defpath
+    if not path:
+        return None
     seen = set()
     for directory in path.split(os.pathsep):
-        directory = directory or os.curdir  # an empty entry means the current directory
         if directory in seen:
             continue
         seen.add(directory)
-        candidate = os.path.join(directory, name)
+        candidate = os.path.join(directory, name)  # an empty entry: the current directory
         if runnable(candidate):
             return candidate
     return None

@@ -27,6 +27,10 @@ def test_which_finds_what_shutil_finds(tmp_path, monkeypatch):
     path = os.pathsep.join(map(str, (nox, bin_a, bin_b)))
     for name in ("tool", "only-b", "adir", "missing", "sh", str(bin_b / "tool"), str(nox / "tool")):
         assert which(name, path=path) == shutil.which(name, path=path), name
+    for odd in ("", os.pathsep + str(bin_b), str(bin_a) + os.pathsep + str(bin_a)):
+        assert which("tool", path=odd) == shutil.which("tool", path=odd), odd
+    monkeypatch.chdir(bin_b)
+    assert which("only-b", path=os.pathsep) == shutil.which("only-b", path=os.pathsep) == "only-b"
     monkeypatch.setenv("PATH", path)
     assert which("tool") == shutil.which("tool") == str(bin_a / "tool")
     assert which("sh", path="/usr/bin:/bin") == shutil.which("sh", path="/usr/bin:/bin") is not None
