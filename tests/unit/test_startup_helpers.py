@@ -45,25 +45,30 @@ def test_uuid4_is_a_random_version_4_uuid():
         assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", text)
 
 
+def _loaded_after(modules: list[str], watched: list[str], *, also: str = "") -> list[str]:
+    """Which of ``watched`` a fresh interpreter holds after importing ``modules`` (and
+    ``also``, a control's extra import)."""
+    code = (f"import sys, os{also}; import {', '.join(modules)}; "
+            "import agentpen.supervisor.config as c; c.config_path(os.environ); "
+            f"print(' '.join(m for m in {watched!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split()
+
+
 def test_the_early_path_imports_none_of_the_heavy_modules():
     """What the CLI imports before pasta starts (probe, the early spawn's modules) and
     the supervisor's session path must not bring these back (each costs 2-3 ms of every
     start on a small machine); the control shows the check sees an import."""
-    code = (
-        "import sys; import agentpen.supervisor.cli, agentpen.workers.netns.probe, "
-        "agentpen.supervisor.workers, agentpen.supervisor.guardian, agentpen.supervisor.check, "
-        "agentpen.supervisor.resolve, agentpen.supervisor.paranoid, agentpen.workers.jail.protect, "
-        "agentpen.workers.jail.seccomp, agentpen.workers.jail.layout, agentpen.workers.netns.main, "
-        "agentpen.workers.netns.dns, agentpen.supervisor.session, agentpen.workers.proxy.allowlist; "
-        "print(' '.join(m for m in ('shutil', 'uuid', 'platform', 'tempfile', 'secrets', "
-        "'dnslib', 'traceback', '_hashlib', 'dataclasses', 'inspect') if m in sys.modules))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == [], out.stdout
-    control = subprocess.run([sys.executable, "-c", code.replace("import sys;", "import sys, uuid;")],
-                             capture_output=True, text=True, timeout=60)
-    assert control.stdout.split() == ["uuid", "platform"], control.stdout
+    modules = [f"agentpen.{m}" for m in (
+        "supervisor.cli", "workers.netns.probe", "supervisor.workers", "supervisor.guardian",
+        "supervisor.check", "supervisor.resolve", "supervisor.paranoid", "workers.jail.protect",
+        "workers.jail.seccomp", "workers.jail.layout", "workers.netns.main", "workers.netns.dns",
+        "supervisor.session", "workers.proxy.allowlist")]
+    heavy = ["shutil", "uuid", "platform", "tempfile", "secrets", "dnslib", "traceback", "_hashlib",
+             "dataclasses", "inspect"]
+    assert _loaded_after(modules, heavy) == []
+    assert _loaded_after(modules, heavy, also=", uuid") == ["uuid", "platform"]  # the control
 
 
 def test_sha256_is_hashlibs():
@@ -78,19 +83,11 @@ def test_what_cli_imports_before_pasta_starts_holds_neither_typing_nor_tomllib()
     starts (cli._early_network, workers/netns/main.forked_main) import neither typing nor
     tomllib (~6 ms together): annotations stay strings, TYPE_CHECKING blocks import typing
     for the type checker only, and TOML is parsed where a file is read."""
-    code = (
-        "import sys, os; import agentpen.supervisor.cli, agentpen.workers.netns.probe, "
-        "agentpen.supervisor.config, agentpen.core.policy, agentpen.supervisor.workers, "
-        "agentpen.supervisor.guardian, agentpen.workers.netns.pasta, agentpen.workers.netns.join, "
-        "agentpen.workers.netns.main, agentpen.workers.jail.launch, agentpen.workers.netns.dns, "
-        "agentpen.workers.netns.nftables, agentpen.workers.netns.verify, agentpen.workers.netns.fds, "
-        "agentpen.workers.netns.listeners, agentpen.workers.jail.registry, agentpen.core.events; "
-        "agentpen.supervisor.config.config_path(os.environ); "
-        "print(' '.join(m for m in ('typing', 'tomllib') if m in sys.modules))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == [], out.stdout
-    with_toml = code.replace("import sys, os;", "import sys, os, tomllib;")
-    control = subprocess.run([sys.executable, "-c", with_toml], capture_output=True, text=True, timeout=60)
-    assert control.stdout.split() == ["typing", "tomllib"], control.stdout
+    modules = [f"agentpen.{m}" for m in (
+        "supervisor.cli", "workers.netns.probe", "supervisor.config", "core.policy",
+        "supervisor.workers", "supervisor.guardian", "workers.netns.pasta", "workers.netns.join",
+        "workers.netns.main", "workers.jail.launch", "workers.netns.dns", "workers.netns.nftables",
+        "workers.netns.verify", "workers.netns.fds", "workers.netns.listeners",
+        "workers.jail.registry", "core.events")]
+    assert _loaded_after(modules, ["typing", "tomllib"]) == []
+    assert _loaded_after(modules, ["typing", "tomllib"], also=", tomllib") == ["typing", "tomllib"]
