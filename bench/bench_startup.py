@@ -114,8 +114,16 @@ def run_agentpen(project: Path, tmp: Path, allow: list[str], i: int,
     return dt, phases
 
 
+ROLES = {  # comm -> role: the names the workers give themselves (prctl PR_SET_NAME)
+    "agentpen-proxy": "proxy worker", "agentpen-netns": "netns worker",
+    "agentpen-nsjoin": "nsjoin (waits for the netns worker)", "agentpen-verify": "pyroute2 verifier",
+    "agentpen-guard": "guardian", "bwrap": "bwrap (jail)",
+}
+
+
 def peak_rss(project: Path, tmp: Path) -> dict[str, float]:
-    """VmHWM (MiB) of each process of a session, read while `sleep 1` runs in it."""
+    """VmHWM (MiB) of each process of a session, read while `sleep` runs in it (after the
+    proxy's and the cross-check's start, 0.25 s after the jail's)."""
     audit = tmp / "audit-rss.jsonl"
     p = subprocess.Popen(agentpen_argv(audit, [], ["sleep", "1.5"]), cwd=project,
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -126,25 +134,21 @@ def peak_rss(project: Path, tmp: Path) -> dict[str, float]:
         for pid in descendants(p.pid):
             name, argv = comm(pid), cmdline(pid)
             if "agentpen.workers.netns" in argv:
-                role = "netns worker"
+                role = "netns worker"  # started by pasta (the fallback)
             elif name.startswith("passt") or name == "pasta":
                 role = "pasta"
-            elif "proxy" in name or "agentpen-proxy" in " ".join(argv) or (
-                    name.startswith("python") and pid in _kids(p.pid)):
-                role = "proxy worker"
+            elif "agentpen-netns-holder" in argv:
+                role = "pasta's holder (sh)"
             else:
+                role = ROLES.get(name)
+            if role is None:
                 continue
             with contextlib.suppress(OSError, KeyError):
-                out[role] = status_kib(pid, "VmHWM") / 1024
+                out[role] = max(out.get(role, 0.0), status_kib(pid, "VmHWM") / 1024)
     finally:
         p.wait(10)
         audit.unlink(missing_ok=True)
     return out
-
-
-def _kids(pid: int) -> list[int]:
-    from _common import children
-    return children(pid)
 
 
 def measure(runs: int, allow: list[str] | None = None, rss: bool = True,

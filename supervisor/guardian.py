@@ -30,7 +30,7 @@ from collections.abc import Sequence
 
 # Imported here, before any fork: the child must not import (another thread of the
 # supervisor may hold the import lock at fork time).
-from agentpen.core.osutil import close_fds_except
+from agentpen.core.osutil import close_fds_except, set_name
 from agentpen.workers.jail.protect import Cover, remove_placeholders
 
 
@@ -114,6 +114,8 @@ class _Orders:
 
 def _guard(r: int) -> None:
     gc.enable()  # off in the supervisor until "go" (cli._main); this process lives as long
+    with contextlib.suppress(OSError):
+        set_name(b"agentpen-guard")
     for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGTSTP,
                 signal.SIGTTOU, signal.SIGTTIN):
         signal.signal(sig, signal.SIG_IGN)

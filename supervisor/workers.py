@@ -355,8 +355,10 @@ def _proxy_entry(channel_fd: int, listen_fds: list[int], policy_json: dict, inca
     """First code of a forked proxy worker (runs in the child)."""
     # Nothing of the supervisor's stays open while the server module is imported (tens of
     # ms): a copy of, say, pasta's holder socket would keep pasta up after the session.
-    from agentpen.core.osutil import close_fds_except, replace_environment
+    from agentpen.core.osutil import close_fds_except, replace_environment, set_name
 
+    with contextlib.suppress(OSError):
+        set_name(b"agentpen-proxy")  # ps and the benches tell it from the supervisor
     close_fds_except([channel_fd, *listen_fds])
     # It parses attacker bytes: none of the user's environment (tokens, keys) in it.
     replace_environment(minimal_env())
