@@ -7,6 +7,8 @@ import time
 
 import pytest
 from agentpen.workers.proxy.allowlist import Allowlist, normalize_allow_entry
+from hypothesis import given
+from hypothesis import strategies as st
 
 
 @pytest.mark.parametrize(
@@ -116,3 +118,53 @@ def test_fast_for_10000_entries() -> None:
     assert len(al) == 10000
     # Generous bounds: a linear scan would take ~10,000x longer per match.
     assert build < 2.0 and per_match < 50e-6, (build, per_match)
+
+
+def _reference_ip_refusal(text: str) -> str | None:
+    """The IP-literal check as it was before its fast path: ipaddress on everything."""
+    import ipaddress
+    import socket
+
+    bare = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    try:
+        ipaddress.ip_address(bare.split("%", 1)[0])
+        return "ip"
+    except ValueError:
+        pass
+    try:
+        socket.inet_aton(bare)
+        return "numeric"
+    except (OSError, ValueError):
+        pass
+    return "colon" if (":" in text or "[" in text or "]" in text) else None
+
+
+@pytest.mark.parametrize("text", [
+    "1.2.3.4", "[1.2.3.4]", "::1", "[::1]", "fe80::1%eth0", "[fe80::1%25eth0]", "1.2.3.4%eth0",
+    "2130706433", "0x7f.1", "0177.0.0.1", "127.1", "1.2.3", "01.02.03.04", "1.2.3.4.", "1..2.3",
+    "256.1.1.1", "example.com", "cafe.be", "a1.b2", "0xcafe", "abc::", "x:443", "[]", "", ".",
+    "1.2.3.4:443", "::ffff:10.0.0.1", "1e3", "\u0661.\u0662.\u0663.\u0664",  # Arabic-Indic digits
+])
+def test_ip_literal_fast_path_refuses_exactly_what_ipaddress_did(text: str) -> None:
+    from agentpen.workers.proxy.allowlist import _refuse_ip_literal
+
+    try:
+        _refuse_ip_literal(text)
+        got = None
+    except ValueError as exc:
+        msg = str(exc)
+        got = "ip" if "is an IP address" in msg else "numeric" if "numeric spelling" in msg else "colon"
+    assert got == _reference_ip_refusal(text), text
+
+
+@given(st.text(alphabet="0123456789abcdefx.:%[]", max_size=20))
+def test_ip_literal_fast_path_matches_ipaddress_on_random_input(text: str) -> None:
+    from agentpen.workers.proxy.allowlist import _refuse_ip_literal
+
+    try:
+        _refuse_ip_literal(text)
+        got = None
+    except ValueError as exc:
+        msg = str(exc)
+        got = "ip" if "is an IP address" in msg else "numeric" if "numeric spelling" in msg else "colon"
+    assert got == _reference_ip_refusal(text)

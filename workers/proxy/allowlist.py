@@ -28,16 +28,23 @@ from agentpen.workers.proxy.names import canonical_host
 
 _LOCAL_SUFFIXES = ("localhost", "localdomain", "local", "home.arpa", "internal", "invalid",
                    "onion", "arpa")
+_LOCAL_LAST_LABELS = frozenset(s.rpartition(".")[2] for s in _LOCAL_SUFFIXES)
+_IPV4_CHARS = frozenset("0123456789.")
 
 
 def _refuse_ip_literal(text: str) -> None:
     bare = text[1:-1] if text.startswith("[") and text.endswith("]") else text
-    try:
-        ipaddress.ip_address(bare.split("%", 1)[0])
-    except ValueError:
-        pass
-    else:
-        raise ValueError(f"{text!r} is an IP address; pin addresses with --upstream HOST=ADDR:PORT")
+    literal = bare.split("%", 1)[0]
+    # ip_address() accepts only dotted decimal (IPv4) or text with a colon (IPv6): asking
+    # it about anything else only builds two exceptions (half the cost of a 10,000-name
+    # allowlist's normalisation, issue 10).
+    if ":" in literal or (literal and _IPV4_CHARS.issuperset(literal)):
+        try:
+            ipaddress.ip_address(literal)
+        except ValueError:
+            pass
+        else:
+            raise ValueError(f"{text!r} is an IP address; pin addresses with --upstream HOST=ADDR:PORT")
     try:
         socket.inet_aton(bare)  # accepts 2130706433, 0x7f.1, 0177.0.0.1 ...
     except (OSError, ValueError):  # ValueError: embedded NUL, judged as a name below
@@ -74,11 +81,12 @@ def normalize_allow_entry(entry: str) -> str:
     except ValueError as exc:
         raise ValueError(f"{entry!r} is not a valid DNS name: {exc}") from None
     labels = host.split(".")
-    for suffix in _LOCAL_SUFFIXES:
-        if host == suffix or host.endswith("." + suffix):
-            raise ValueError(
-                f"{entry!r} is a local-only name (.{suffix}); it never names a public service"
-            )
+    if labels[-1] in _LOCAL_LAST_LABELS:  # else no local suffix can match
+        for suffix in _LOCAL_SUFFIXES:
+            if host == suffix or host.endswith("." + suffix):
+                raise ValueError(
+                    f"{entry!r} is a local-only name (.{suffix}); it never names a public service"
+                )
     if wildcard and len(labels) < 2:
         raise ValueError(f"{entry!r}: a wildcard needs at least two labels after '*.' (no '*.com')")
     if not wildcard and len(labels) < 2:
