@@ -133,3 +133,10 @@ def test_missing_library_fails_closed_or_falls_back_to_the_command(monkeypatch):
     with pytest.raises(NetnsSetupError) as exc:  # the default: the nft command is tried
         load_and_verify(POLICY, nft_path="/nonexistent/nft")
     assert "nft not found" in exc.value.what
+
+
+def test_a_library_without_the_nftables_api_is_refused_as_unusable():
+    from agentpen.workers.netns.nftables import Library
+
+    with pytest.raises(OSError, match="lacks"):
+        Library("libc.so.6")  # loads, but is not libnftables

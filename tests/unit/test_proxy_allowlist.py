@@ -139,6 +139,18 @@ def _reference_ip_refusal(text: str) -> str | None:
     return "colon" if (":" in text or "[" in text or "]" in text) else None
 
 
+def _ip_refusal(text: str) -> str | None:
+    """Which refusal the current check gives, in _reference_ip_refusal's words."""
+    from agentpen.workers.proxy.allowlist import _refuse_ip_literal
+
+    try:
+        _refuse_ip_literal(text)
+    except ValueError as exc:
+        msg = str(exc)
+        return "ip" if "is an IP address" in msg else "numeric" if "numeric spelling" in msg else "colon"
+    return None
+
+
 @pytest.mark.parametrize("text", [
     "1.2.3.4", "[1.2.3.4]", "::1", "[::1]", "fe80::1%eth0", "[fe80::1%25eth0]", "1.2.3.4%eth0",
     "2130706433", "0x7f.1", "0177.0.0.1", "127.1", "1.2.3", "01.02.03.04", "1.2.3.4.", "1..2.3",
@@ -146,25 +158,9 @@ def _reference_ip_refusal(text: str) -> str | None:
     "1.2.3.4:443", "::ffff:10.0.0.1", "1e3", "\u0661.\u0662.\u0663.\u0664",  # Arabic-Indic digits
 ])
 def test_ip_literal_fast_path_refuses_exactly_what_ipaddress_did(text: str) -> None:
-    from agentpen.workers.proxy.allowlist import _refuse_ip_literal
-
-    try:
-        _refuse_ip_literal(text)
-        got = None
-    except ValueError as exc:
-        msg = str(exc)
-        got = "ip" if "is an IP address" in msg else "numeric" if "numeric spelling" in msg else "colon"
-    assert got == _reference_ip_refusal(text), text
+    assert _ip_refusal(text) == _reference_ip_refusal(text), text
 
 
 @given(st.text(alphabet="0123456789abcdefx.:%[]", max_size=20))
 def test_ip_literal_fast_path_matches_ipaddress_on_random_input(text: str) -> None:
-    from agentpen.workers.proxy.allowlist import _refuse_ip_literal
-
-    try:
-        _refuse_ip_literal(text)
-        got = None
-    except ValueError as exc:
-        msg = str(exc)
-        got = "ip" if "is an IP address" in msg else "numeric" if "numeric spelling" in msg else "colon"
-    assert got == _reference_ip_refusal(text)
+    assert _ip_refusal(text) == _reference_ip_refusal(text)

@@ -194,6 +194,12 @@ class Library:
 
     def __init__(self, soname: str | None = None) -> None:
         lib = ctypes.CDLL(soname or LIBRARY, use_errno=True)
+        try:
+            self._bind(lib)
+        except AttributeError as exc:  # a library without the API: not usable, say so
+            raise OSError(f"{soname or LIBRARY} lacks {exc}") from None
+
+    def _bind(self, lib: ctypes.CDLL) -> None:
         lib.nft_ctx_new.restype, lib.nft_ctx_new.argtypes = ctypes.c_void_p, [ctypes.c_uint32]
         for name in ("nft_ctx_free", "nft_ctx_buffer_output", "nft_ctx_buffer_error"):
             getattr(lib, name).argtypes = [ctypes.c_void_p]
